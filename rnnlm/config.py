@@ -1,0 +1,252 @@
+"""The run configuration: one tree of dataclasses, loaded from YAML and checked at load.
+
+Every key has a default here; a YAML file and `--set a.b=value` overrides only change
+what they name. Unknown keys, wrong types and out-of-range values raise `ConfigError`
+with a one-line message that names the key, so the entry points can print it and exit 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem (bad file, key, type or value)."""
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # None: the Time Machine (downloaded and verified when missing)
+    data_dir: str = "data"  # where the Time Machine and the token cache live
+    preprocess: Literal["d2l", "raw"] = "d2l"
+    max_tokens: int | None = 10000  # D2L's default; None keeps the whole corpus
+    iterator: Literal["sequential", "random"] = "sequential"
+    batch_size: int = 32
+    num_steps: int = 35
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "rnn_scratch"
+    hidden_size: int = 512
+    num_layers: int = 1
+    dropout: float = 0.0  # between stacked layers, as torch.nn does
+    embedding_dim: int | None = None  # None: one-hot input (D2L); an int: a learned embedding
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 500
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 1.0
+    weight_decay: float = 0.0
+    clip_norm: float | None = 1.0  # None disables clipping (the norm is still recorded)
+    prefix: str = "time traveller"
+    predict_every: int = 10  # epochs between greedy predictions; 0 = only at the end
+    predict_chars: int = 50
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    out_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or start from defaults when path is None) and apply `a.b=v` overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found: pass an existing YAML file")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, not a "
+                              f"{type(raw).__name__}")
+    return config_from_dict(raw, overrides, source=str(path) if path else "defaults")
+
+
+def config_from_dict(raw: dict, overrides=(), source: str = "config") -> Config:
+    raw = _deep_copy(raw)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    cfg = _build(Config, raw, prefix="", source=source)
+    validate(cfg)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r} must look like key=value, e.g. train.epochs=50")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _deep_copy(raw):
+    if isinstance(raw, dict):
+        return {k: _deep_copy(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_deep_copy(v) for v in raw]
+    return raw
+
+
+def _build(cls, raw: dict, prefix: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"{source}: unknown key {prefix}{key}{hint}; "
+                              f"valid keys here: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, raw[name], f"{prefix}{name}.", source)
+        else:
+            kwargs[name] = _coerce(raw[name], hint, f"{prefix}{name}", source)
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, key: str, source: str):
+    """Check `value` against a type hint; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key, source)
+            except ConfigError as exc:
+                errors.append(exc)
+        allowed = " or ".join("null" if o is type(None) else _type_name(o) for o in options)
+        raise ConfigError(f"{source}: {key} must be {allowed}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{source}: {key} must be one of {', '.join(map(str, choices))}; "
+                              f"got {value!r}")
+        return value
+    if origin in (list, tuple):
+        (item_type, *_) = typing.get_args(hint) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if hint is Any:
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this module
+
+
+def _type_name(t) -> str:
+    if typing.get_origin(t) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(t)))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+        t, getattr(t, "__name__", str(t)))
+
+
+# ---------------------------------------------------------------------------- ranges
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that do not need the corpus (those that do live in data.py)."""
+    from rnnlm.models import MODEL_KINDS  # late import: models import torch, config must not
+
+    d, m, t = cfg.data, cfg.model, cfg.train
+    _require(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
+    _require(d.num_steps >= 1, f"data.num_steps must be >= 1, got {d.num_steps}")
+    _require(d.max_tokens is None or d.max_tokens >= 2,
+             f"data.max_tokens must be >= 2 or null (whole corpus), got {d.max_tokens}")
+    _require(m.kind in MODEL_KINDS,
+             f"model.kind must be one of {', '.join(MODEL_KINDS)}; got {m.kind!r}")
+    _require(m.hidden_size >= 1, f"model.hidden_size must be >= 1, got {m.hidden_size}")
+    _require(m.num_layers >= 1, f"model.num_layers must be >= 1, got {m.num_layers}")
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _require(m.embedding_dim is None or m.embedding_dim >= 1,
+             f"model.embedding_dim must be >= 1 or null (one-hot), got {m.embedding_dim}")
+    _require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _require(t.clip_norm is None or t.clip_norm > 0,
+             f"train.clip_norm must be > 0 or null (no clipping), got {t.clip_norm}")
+    _require(t.predict_every >= 0, f"train.predict_every must be >= 0, got {t.predict_every}")
+    _require(t.predict_chars >= 1, f"train.predict_chars must be >= 1, got {t.predict_chars}")
+    _require(t.threads is None or t.threads >= 1,
+             f"train.threads must be >= 1 or null, got {t.threads}")
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,61 @@
+"""The one contract every model keeps, whatever its recurrent core.
+
+A model maps token ids (B, T) and a state to logits (T, B, V) and the next state. The state
+is always a tuple of (num_layers, B, H) tensors: (h,) for RNN/GRU, (h, c) for LSTM, so the
+training loop never needs to know which model it drives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+State = tuple[torch.Tensor, ...]
+
+
+class LanguageModel(nn.Module):
+    """Input encoding -> recurrent core (subclass) -> linear output layer."""
+
+    #: number of tensors in the state: 1 for RNN/GRU, 2 for LSTM
+    state_size: int = 1
+    #: True when the core runs step by step in Python (per-step gradient hooks are possible)
+    step_by_step: bool = False
+
+    def __init__(self, vocab_size: int, hidden_size: int, num_layers: int = 1,
+                 dropout: float = 0.0, embedding_dim: int | None = None):
+        super().__init__()
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.num_layers, self.dropout = num_layers, dropout
+        self.embedding_dim = embedding_dim
+        self.embedding = nn.Embedding(vocab_size, embedding_dim) if embedding_dim else None
+        self.input_size = embedding_dim or vocab_size
+        self.output = nn.Linear(hidden_size, vocab_size)
+
+    def begin_state(self, batch_size: int) -> State:
+        """Fresh zero state on the model's device and dtype."""
+        w = self.output.weight
+        return tuple(w.new_zeros(self.num_layers, batch_size, self.hidden_size)
+                     for _ in range(self.state_size))
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> time-major input: ids (T, B) for one-hot cores that gather weight
+        columns instead of multiplying by one-hot vectors, or embeddings (T, B, E)."""
+        x = tokens.t()
+        return self.embedding(x) if self.embedding is not None else x
+
+    def one_hot(self, x: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(x, self.vocab_size).to(self.output.weight.dtype)
+
+    def core(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """(T, B, ...) input and state -> top-layer outputs (T, B, H) and the next state."""
+        raise NotImplementedError
+
+    def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        hidden, state = self.core(self.encode(tokens), state)
+        return self.output(hidden), state  # (T, B, V)
+
+
+def detach_state(state: State) -> State:
+    """Cut the graph at a batch boundary (regular truncated BPTT)."""
+    return tuple(s.detach() for s in state)

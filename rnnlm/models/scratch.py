@@ -1,0 +1,112 @@
+"""From-scratch RNN, GRU and LSTM: the cell equations written out on nn.Parameters.
+
+Weights use torch.nn's layout (gates stacked in rows: GRU r|z|n, LSTM i|f|g|o; separate
+input and recurrent biases), so a scratch model and its torch.nn twin load the same numbers
+and must agree to rounding. Each layer projects its whole input window in one matmul (a
+gather of weight columns for one-hot input) and only the recurrent matmul runs per step.
+Initialisation follows D2L's scratch models: weights N(0, 0.01^2), biases zero.
+
+The GRU is PyTorch's variant, which applies the reset gate after the recurrent matmul,
+r * (W_hn h + b_hn); D2L writes (r * h) W_hh. Both are GRUs; this one lets all three gates
+share one recurrent matmul per step and has an exact torch.nn twin.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rnnlm.models.base import LanguageModel, State
+
+
+def rnn_cell(xw_t, state, w_hh, b_hh):
+    (h,) = state
+    return (torch.tanh(torch.addmm(xw_t + b_hh, h, w_hh.t())),)
+
+
+def gru_cell(xw_t, state, w_hh, b_hh):
+    (h,) = state
+    gh = torch.addmm(b_hh, h, w_hh.t())
+    xr, xz, xn = xw_t.chunk(3, dim=-1)
+    hr, hz, hn = gh.chunk(3, dim=-1)
+    r = torch.sigmoid(xr + hr)
+    z = torch.sigmoid(xz + hz)
+    n = torch.tanh(xn + r * hn)
+    return (n + z * (h - n),)  # = (1 - z) * n + z * h
+
+
+def lstm_cell(xw_t, state, w_hh, b_hh):
+    h, c = state
+    gates = torch.addmm(xw_t + b_hh, h, w_hh.t())
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    return (h, c)
+
+
+class ScratchLayer(nn.Module):
+    """One recurrent layer: parameters and the loop over time."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_gates: int, cell):
+        super().__init__()
+        rows = num_gates * hidden_size
+        self.weight_ih = nn.Parameter(torch.randn(rows, input_size) * 0.01)
+        self.weight_hh = nn.Parameter(torch.randn(rows, hidden_size) * 0.01)
+        self.bias_ih = nn.Parameter(torch.zeros(rows))
+        self.bias_hh = nn.Parameter(torch.zeros(rows))
+        self.cell = cell
+
+    def project_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Input projection of the whole window: (T, B) ids or (T, B, I) -> (T, B, G*H)."""
+        if x.dtype == torch.long:  # one-hot input: x_t W^T is column x_t of W
+            return self.weight_ih.t()[x] + self.bias_ih
+        return torch.matmul(x, self.weight_ih.t()) + self.bias_ih
+
+    def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        xw = self.project_input(x)
+        outputs = []
+        for t in range(xw.shape[0]):
+            state = self.cell(xw[t], state, self.weight_hh, self.bias_hh)
+            outputs.append(state[0])
+        return torch.stack(outputs), state  # (T, B, H)
+
+
+class ScratchLM(LanguageModel):
+    cell = staticmethod(rnn_cell)
+    num_gates = 1
+    step_by_step = True
+
+    def __init__(self, vocab_size, hidden_size, num_layers=1, dropout=0.0, embedding_dim=None):
+        super().__init__(vocab_size, hidden_size, num_layers, dropout, embedding_dim)
+        self.layers = nn.ModuleList(
+            ScratchLayer(self.input_size if k == 0 else hidden_size, hidden_size,
+                         self.num_gates, self.cell)
+            for k in range(num_layers))
+        self.between = nn.Dropout(dropout)
+        nn.init.normal_(self.output.weight, std=0.01)
+        nn.init.zeros_(self.output.bias)
+
+    def core(self, x, state: State):
+        finals = []
+        for k, layer in enumerate(self.layers):
+            if k > 0:
+                x = self.between(x)
+            x, final = layer(x, tuple(s[k] for s in state))
+            finals.append(final)
+        return x, tuple(torch.stack(parts) for parts in zip(*finals))
+
+
+class ScratchRNN(ScratchLM):
+    cell = staticmethod(rnn_cell)
+    num_gates = 1
+
+
+class ScratchGRU(ScratchLM):
+    cell = staticmethod(gru_cell)
+    num_gates = 3
+
+
+class ScratchLSTM(ScratchLM):
+    cell = staticmethod(lstm_cell)
+    num_gates = 4
+    state_size = 2

@@ -1,0 +1,227 @@
+"""The training loop: D2L's train_epoch_ch8 semantics, metrics, predictions.
+
+Step order, always: zero_grad -> forward -> loss -> backward -> clip (norm recorded) -> step.
+Per-batch numbers stay on the device as tensors and are read once per epoch, so no host
+sync happens inside the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from rnnlm.config import Config, ConfigError, dump_yaml
+from rnnlm.data import PREPROCESSORS, Corpus, load_corpus
+from rnnlm.iterators import BatchIterator
+from rnnlm.models import LanguageModel, build_model, detach_state
+from rnnlm.sampling import predict_greedy
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for but CUDA is not available here; "
+                          "use device: cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None)
+                              and torch.backends.mps.is_available()):
+        raise ConfigError("device: mps was asked for but MPS is not available here; "
+                          "use device: cpu or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(cfg: Config, model: LanguageModel) -> torch.optim.Optimizer:
+    t = cfg.train
+    params = model.parameters()
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """D2L's grad_clipping (scale by max_norm / norm when norm > max_norm) without a host
+    sync: the factor min(1, max_norm / norm) is applied always; x * 1.0 == x exactly.
+    Returns the pre-clip global L2 norm as a 0-d tensor."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if max_norm is not None:
+        torch._foreach_mul_(grads, (max_norm / norm).clamp(max=1.0))
+    return norm
+
+
+def perplexity(mean_loss: float) -> float:
+    return math.exp(min(mean_loss, 700.0))  # exp overflows past ~709
+
+
+@dataclass
+class EpochResult:
+    loss: float  # mean cross-entropy per predicted token (nats)
+    tokens: int
+    seconds: float
+    grad_norm: float  # mean pre-clip global norm over the epoch's batches
+    clipped_frac: float  # fraction of batches whose gradient was scaled down
+    batches: int
+
+    @property
+    def ppl(self) -> float:
+        return perplexity(self.loss)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | None,
+                carry_state: bool, device: torch.device) -> EpochResult:
+    """One pass over the data, D2L's train_epoch_ch8.
+
+    carry_state=True (sequential iteration): the state is created at the first batch,
+    carried across batches and detached at every boundary (regular truncated BPTT).
+    carry_state=False (random iteration): a fresh state for every batch.
+    """
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    norm_sum = torch.zeros((), device=device, dtype=torch.float64)
+    clipped = torch.zeros((), device=device, dtype=torch.float64)
+    tokens = num_batches = 0
+    state = None
+    synchronize(device)
+    start = time.perf_counter()
+    for X, Y in batches:
+        X, Y = X.to(device, non_blocking=True), Y.to(device, non_blocking=True)
+        if state is None or not carry_state:
+            state = model.begin_state(X.shape[0])
+        else:
+            state = detach_state(state)
+        optimizer.zero_grad(set_to_none=True)
+        logits, state = model(X, state)  # (T, B, V)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.t().reshape(-1))
+        loss.backward()
+        norm = clip_gradients(params, clip_norm)
+        optimizer.step()
+        n = Y.numel()
+        loss_sum += loss.detach() * n
+        norm_sum += norm.detach()
+        if clip_norm is not None:
+            clipped += (norm > clip_norm).to(clipped.dtype)
+        tokens += n
+        num_batches += 1
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    if num_batches == 0:
+        raise RuntimeError("the iterator yielded no batch")  # prevented by check_corpus_length
+    return EpochResult(loss=loss_sum.item() / tokens, tokens=tokens, seconds=seconds,
+                       grad_norm=norm_sum.item() / num_batches,
+                       clipped_frac=clipped.item() / num_batches, batches=num_batches)
+
+
+def prefix_ids(corpus: Corpus, prefix: str) -> list[int]:
+    """The prefix through the corpus' own preprocessing; unknown characters map to <unk>."""
+    text = PREPROCESSORS[corpus.preprocess](prefix)
+    if not text:
+        raise ConfigError(f"train.prefix {prefix!r} is empty after {corpus.preprocess} "
+                          f"preprocessing: give at least one character of the text")
+    return corpus.vocab.encode(text, unknown="replace").tolist()
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per epoch (public interface: keep key names stable)."""
+
+    def __init__(self, path: Path, append: bool = False):
+        self.path = path
+        if not append:
+            path.write_text("")
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: Config, quiet: bool = False, out=sys.stdout) -> dict:
+    """Run a whole training job from a config; returns the last epoch's record."""
+    device = resolve_device(cfg.device)
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.seed)
+    corpus = load_corpus(cfg.data)
+    batches = BatchIterator(corpus.ids, cfg.data.batch_size, cfg.data.num_steps,
+                            cfg.data.iterator, seed=cfg.seed)
+    model = build_model(cfg.model, len(corpus.vocab)).to(device)
+    optimizer = make_optimizer(cfg, model)
+    prompt = prefix_ids(corpus, cfg.train.prefix)
+
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+    metrics = MetricsLog(out_dir / "metrics.jsonl")
+
+    def say(line: str) -> None:
+        if not quiet:
+            tqdm.write(line, file=out)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"{cfg.model.kind}: {n_params:,} parameters, vocabulary {len(corpus.vocab)}, "
+        f"{len(corpus):,} tokens from {corpus.source} ({corpus.preprocess}), "
+        f"{cfg.data.iterator} iteration, device {device}")
+
+    show_bar = not quiet and out.isatty()
+    bar = tqdm(range(cfg.train.epochs), disable=not show_bar, unit="epoch", file=out,
+               dynamic_ncols=True)
+    wall_start = time.perf_counter()
+    step = 0
+    record: dict = {}
+    for epoch in bar:
+        result = train_epoch(model, batches.epoch(epoch), optimizer, cfg.train.clip_norm,
+                             batches.carries_state, device)
+        step += result.batches
+        record = {
+            "epoch": epoch + 1, "step": step,
+            "train_loss": result.loss, "train_ppl": result.ppl,
+            "train_bpc": result.loss / math.log(2),
+            "tokens_per_s": result.tokens_per_s, "grad_norm": result.grad_norm,
+            "clipped_frac": result.clipped_frac, "lr": optimizer.param_groups[0]["lr"],
+            "epoch_s": result.seconds, "wall_s": time.perf_counter() - wall_start,
+        }
+        metrics.write(record)
+        bar.set_postfix(ppl=f"{result.ppl:.2f}", tok_s=f"{result.tokens_per_s:,.0f}")
+        every = cfg.train.predict_every
+        if every and (epoch + 1) % every == 0 and epoch + 1 < cfg.train.epochs:
+            say(f"epoch {epoch + 1:>4}  ppl {result.ppl:8.3f}  grad {result.grad_norm:6.3f}  "
+                f"{result.tokens_per_s:>9,.0f} tok/s  | "
+                f"{predict_greedy(model, corpus.vocab, prompt, cfg.train.predict_chars)}")
+    bar.close()
+
+    final_text = predict_greedy(model, corpus.vocab, prompt, cfg.train.predict_chars)
+    print(final_text, file=out)
+    print(f"perplexity {record['train_ppl']:.1f}, {record['tokens_per_s']:.1f} tokens/sec "
+          f"on {device}", file=out)
+    record["prediction"] = final_text
+    return record
