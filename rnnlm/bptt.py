@@ -67,7 +67,9 @@ class ManualRNNWindow(torch.autograd.Function):
         # backward gets the stacked h_{t-1} = buf[:-1] for its single dW GEMM without a copy.
         buf = xw.new_empty((T + 1, B, H))
         buf[0].copy_(h0)
-        W_t = W_hh.t()  # a transposed view: BLAS reads it as is, nothing is copied
+        # h @ W^T through a transposed view is ~1.7x slower than through a contiguous (in, out)
+        # matrix for these small-M products on MKL: one H x H copy per window pays for itself.
+        W_t = W_hh.t().contiguous()
         tanh = activation == "tanh"
         for t in range(T):
             h = buf[t + 1]

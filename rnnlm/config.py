@@ -40,6 +40,10 @@ class ModelConfig:
     num_layers: int = 1
     dropout: float = 0.0  # between stacked layers, as torch.nn does
     embedding_dim: int | None = None  # None: one-hot input (D2L); an int: a learned embedding
+    # Scratch models only: "manual" runs each layer's window with the hand-written BPTT
+    # backward (bptt.py, gated_bptt.py; same numbers, far fewer ops), "autograd" step by step.
+    # "auto" is manual for the scratch kinds; torch.nn kinds always use their own backward.
+    backward: Literal["auto", "manual", "autograd"] = "auto"
 
 
 @dataclass
@@ -235,6 +239,9 @@ def validate(cfg: Config) -> None:
     _require(m.hidden_size >= 1, f"model.hidden_size must be >= 1, got {m.hidden_size}")
     _require(m.num_layers >= 1, f"model.num_layers must be >= 1, got {m.num_layers}")
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _require(m.backward == "auto" or m.kind.endswith("_scratch"),
+             f"model.backward: {m.backward} applies to the scratch kinds only; {m.kind} is a "
+             f"torch.nn layer with its own backward (leave model.backward: auto)")
     _require(m.embedding_dim is None or m.embedding_dim >= 1,
              f"model.embedding_dim must be >= 1 or null (one-hot), got {m.embedding_dim}")
     _require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")

@@ -51,9 +51,11 @@ def twin_grads(scratch, twin):
 @pytest.mark.parametrize("scratch_kind", list(TWINS))
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("emb", [None, 6])
-def test_scratch_equals_torch_twin_float64(scratch_kind, layers, emb):
+@pytest.mark.parametrize("backward", ["manual", "autograd"])
+def test_scratch_equals_torch_twin_float64(scratch_kind, layers, emb, backward):
     torch.manual_seed(0)
-    scratch = make(scratch_kind, num_layers=layers, embedding_dim=emb).double()
+    scratch = make(scratch_kind, num_layers=layers, embedding_dim=emb,
+                   backward=backward).double()
     twin = make(TWINS[scratch_kind], num_layers=layers, embedding_dim=emb).double()
     with torch.no_grad():  # larger weights than D2L's 0.01 so the test exercises the gates
         for p in scratch.parameters():
@@ -78,6 +80,11 @@ def test_scratch_equals_torch_twin_float64(scratch_kind, layers, emb):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
     for a, b in twin_grads(scratch, twin):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=1e-10)
+
+
+def test_backward_choice_builds_the_right_path():
+    assert make("lstm_scratch").layers[0].window is not None  # auto = manual
+    assert make("lstm_scratch", backward="autograd").layers[0].window is None
 
 
 def test_twin_check_can_fail():

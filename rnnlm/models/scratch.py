@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rnnlm.bptt import manual_rnn_window
+from rnnlm.gated_bptt import gru_window, lstm_window
 from rnnlm.models.base import LanguageModel, State
 
 
@@ -44,10 +46,29 @@ def lstm_cell(xw_t, state, w_hh, b_hh):
     return (h, c)
 
 
-class ScratchLayer(nn.Module):
-    """One recurrent layer: parameters and the loop over time."""
+def rnn_window(layer, xw, state):
+    hs = manual_rnn_window(xw + layer.bias_hh, state[0], layer.weight_hh)
+    return hs, (hs[-1],)
 
-    def __init__(self, input_size: int, hidden_size: int, num_gates: int, cell):
+
+def gru_manual_window(layer, xw, state):
+    hs = gru_window(xw, state[0], layer.weight_hh, layer.bias_hh)
+    return hs, (hs[-1],)
+
+
+def lstm_manual_window(layer, xw, state):
+    hs, c = lstm_window(xw + layer.bias_hh, state[0], state[1], layer.weight_hh)
+    return hs, (hs[-1], c)
+
+
+class ScratchLayer(nn.Module):
+    """One recurrent layer: parameters and the loop over time.
+
+    `window` (optional) runs the whole window with a hand-written backward; without it the
+    layer steps through time with `cell` and autograd records every op.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_gates: int, cell, window=None):
         super().__init__()
         rows = num_gates * hidden_size
         self.weight_ih = nn.Parameter(torch.randn(rows, input_size) * 0.01)
@@ -55,6 +76,7 @@ class ScratchLayer(nn.Module):
         self.bias_ih = nn.Parameter(torch.zeros(rows))
         self.bias_hh = nn.Parameter(torch.zeros(rows))
         self.cell = cell
+        self.window = window
 
     def project_input(self, x: torch.Tensor) -> torch.Tensor:
         """Input projection of the whole window: (T, B) ids or (T, B, I) -> (T, B, G*H)."""
@@ -64,6 +86,8 @@ class ScratchLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         xw = self.project_input(x)
+        if self.window is not None:
+            return self.window(self, xw, state)
         outputs = []
         for t in range(xw.shape[0]):
             state = self.cell(xw[t], state, self.weight_hh, self.bias_hh)
@@ -73,14 +97,17 @@ class ScratchLayer(nn.Module):
 
 class ScratchLM(LanguageModel):
     cell = staticmethod(rnn_cell)
+    manual_window = staticmethod(rnn_window)
     num_gates = 1
     step_by_step = True
 
-    def __init__(self, vocab_size, hidden_size, num_layers=1, dropout=0.0, embedding_dim=None):
+    def __init__(self, vocab_size, hidden_size, num_layers=1, dropout=0.0, embedding_dim=None,
+                 backward: str = "manual"):
         super().__init__(vocab_size, hidden_size, num_layers, dropout, embedding_dim)
+        window = self.manual_window if backward == "manual" else None
         self.layers = nn.ModuleList(
             ScratchLayer(self.input_size if k == 0 else hidden_size, hidden_size,
-                         self.num_gates, self.cell)
+                         self.num_gates, self.cell, window)
             for k in range(num_layers))
         self.between = nn.Dropout(dropout)
         nn.init.normal_(self.output.weight, std=0.01)
@@ -98,15 +125,18 @@ class ScratchLM(LanguageModel):
 
 class ScratchRNN(ScratchLM):
     cell = staticmethod(rnn_cell)
+    manual_window = staticmethod(rnn_window)
     num_gates = 1
 
 
 class ScratchGRU(ScratchLM):
     cell = staticmethod(gru_cell)
+    manual_window = staticmethod(gru_manual_window)
     num_gates = 3
 
 
 class ScratchLSTM(ScratchLM):
     cell = staticmethod(lstm_cell)
+    manual_window = staticmethod(lstm_manual_window)
     num_gates = 4
     state_size = 2
