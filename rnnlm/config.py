@@ -56,7 +56,10 @@ class TrainConfig:
     prefix: str = "time traveller"
     predict_every: int = 10  # epochs between greedy predictions; 0 = only at the end
     predict_chars: int = 50
-    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    threads: int | None = None  # torch intra-op threads; None: see trainer.set_threads
+    # Split each batch by lanes into this many groups, each run forward and backward on its
+    # own CPU thread (shards.py): faster than splitting each small matmul across cores.
+    batch_shards: int = 1
 
 
 @dataclass
@@ -251,6 +254,13 @@ def validate(cfg: Config) -> None:
              f"train.clip_norm must be > 0 or null (no clipping), got {t.clip_norm}")
     _require(t.predict_every >= 0, f"train.predict_every must be >= 0, got {t.predict_every}")
     _require(t.predict_chars >= 1, f"train.predict_chars must be >= 1, got {t.predict_chars}")
+    _require(t.batch_shards >= 1, f"train.batch_shards must be >= 1, got {t.batch_shards}")
+    _require(t.batch_shards <= d.batch_size,
+             f"train.batch_shards ({t.batch_shards}) cannot exceed data.batch_size "
+             f"({d.batch_size}): each shard needs at least one lane")
+    _require(t.batch_shards == 1 or m.dropout == 0,
+             "train.batch_shards > 1 needs model.dropout 0: dropout draws from one random "
+             "stream, which the shard threads would race for (runs would not repeat)")
     _require(t.threads is None or t.threads >= 1,
              f"train.threads must be >= 1 or null, got {t.threads}")
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from rnnlm.config import Config, ConfigError, dump_yaml
@@ -25,6 +24,7 @@ from rnnlm.data import PREPROCESSORS, Corpus, load_corpus
 from rnnlm.iterators import BatchIterator
 from rnnlm.models import LanguageModel, build_model, detach_state
 from rnnlm.sampling import predict_greedy
+from rnnlm.shards import ShardedForwardBackward, forward_backward
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,6 +42,15 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError("device: mps was asked for but MPS is not available here; "
                           "use device: cpu or auto")
     return torch.device(name)
+
+
+def set_threads(cfg: Config) -> None:
+    """train.threads when given; else one intra-op thread per batch shard when sharding (each
+    core runs its own lanes), and torch's default otherwise."""
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
+    elif cfg.train.batch_shards > 1:
+        torch.set_num_threads(1)
 
 
 def seed_everything(seed: int) -> None:
@@ -99,12 +108,14 @@ def synchronize(device: torch.device) -> None:
 
 
 def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | None,
-                carry_state: bool, device: torch.device) -> EpochResult:
+                carry_state: bool, device: torch.device,
+                step=forward_backward) -> EpochResult:
     """One pass over the data, D2L's train_epoch_ch8.
 
     carry_state=True (sequential iteration): the state is created at the first batch,
     carried across batches and detached at every boundary (regular truncated BPTT).
     carry_state=False (random iteration): a fresh state for every batch.
+    `step` computes the loss and the gradients of one batch (shards.py).
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -122,9 +133,7 @@ def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | Non
         else:
             state = detach_state(state)
         optimizer.zero_grad(set_to_none=True)
-        logits, state = model(X, state)  # (T, B, V)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.t().reshape(-1))
-        loss.backward()
+        loss, state = step(model, X, Y, state)
         norm = clip_gradients(params, clip_norm)
         optimizer.step()
         n = Y.numel()
@@ -168,8 +177,13 @@ class MetricsLog:
 def train(cfg: Config, quiet: bool = False, out=sys.stdout) -> dict:
     """Run a whole training job from a config; returns the last epoch's record."""
     device = resolve_device(cfg.device)
-    if cfg.train.threads is not None:
-        torch.set_num_threads(cfg.train.threads)
+    batch_step = forward_backward
+    if cfg.train.batch_shards > 1:
+        if device.type != "cpu":
+            raise ConfigError(f"train.batch_shards: {cfg.train.batch_shards} splits batches "
+                              f"across CPU cores; on {device.type} use 1")
+        batch_step = ShardedForwardBackward(cfg.train.batch_shards)
+    set_threads(cfg)
     seed_everything(cfg.seed)
     corpus = load_corpus(cfg.data)
     batches = BatchIterator(corpus.ids, cfg.data.batch_size, cfg.data.num_steps,
@@ -200,7 +214,7 @@ def train(cfg: Config, quiet: bool = False, out=sys.stdout) -> dict:
     record: dict = {}
     for epoch in bar:
         result = train_epoch(model, batches.epoch(epoch), optimizer, cfg.train.clip_norm,
-                             batches.carries_state, device)
+                             batches.carries_state, device, batch_step)
         step += result.batches
         record = {
             "epoch": epoch + 1, "step": step,
@@ -218,6 +232,8 @@ def train(cfg: Config, quiet: bool = False, out=sys.stdout) -> dict:
                 f"{result.tokens_per_s:>9,.0f} tok/s  | "
                 f"{predict_greedy(model, corpus.vocab, prompt, cfg.train.predict_chars)}")
     bar.close()
+    if isinstance(batch_step, ShardedForwardBackward):
+        batch_step.close()
 
     final_text = predict_greedy(model, corpus.vocab, prompt, cfg.train.predict_chars)
     print(final_text, file=out)

@@ -14,6 +14,7 @@ share one recurrent matmul per step and has an exact torch.nn twin.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rnnlm.bptt import manual_rnn_window
@@ -46,18 +47,22 @@ def lstm_cell(xw_t, state, w_hh, b_hh):
     return (h, c)
 
 
-def rnn_window(layer, xw, state):
-    hs = manual_rnn_window(xw + layer.bias_hh, state[0], layer.weight_hh)
+# Hand-written windows. RNN and LSTM add b_hh to the input projection once per window (it
+# is additive there); the GRU keeps it apart because its reset gate multiplies W_hn h + b_hn.
+def rnn_window(layer, x, state):
+    xw = layer.project_input(x, layer.bias_ih + layer.bias_hh)
+    hs = manual_rnn_window(xw, state[0], layer.weight_hh)
     return hs, (hs[-1],)
 
 
-def gru_manual_window(layer, xw, state):
-    hs = gru_window(xw, state[0], layer.weight_hh, layer.bias_hh)
+def gru_manual_window(layer, x, state):
+    hs = gru_window(layer.project_input(x), state[0], layer.weight_hh, layer.bias_hh)
     return hs, (hs[-1],)
 
 
-def lstm_manual_window(layer, xw, state):
-    hs, c = lstm_window(xw + layer.bias_hh, state[0], state[1], layer.weight_hh)
+def lstm_manual_window(layer, x, state):
+    xw = layer.project_input(x, layer.bias_ih + layer.bias_hh)
+    hs, c = lstm_window(xw, state[0], state[1], layer.weight_hh)
     return hs, (hs[-1], c)
 
 
@@ -78,16 +83,20 @@ class ScratchLayer(nn.Module):
         self.cell = cell
         self.window = window
 
-    def project_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Input projection of the whole window: (T, B) ids or (T, B, I) -> (T, B, G*H)."""
-        if x.dtype == torch.long:  # one-hot input: x_t W^T is column x_t of W
-            return self.weight_ih.t()[x] + self.bias_ih
-        return torch.matmul(x, self.weight_ih.t()) + self.bias_ih
+    def project_input(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Input projection of the whole window plus `bias` (default b_ih):
+        (T, B) ids or (T, B, I) -> (T, B, G*H)."""
+        bias = self.bias_ih if bias is None else bias
+        if x.dtype == torch.long:
+            # One-hot input: x_t W^T + b is row x_t of (W^T + b), an embedding lookup. That
+            # table is tiny (V x G*H), and F.embedding's backward beats indexing's on CPU.
+            return F.embedding(x, self.weight_ih.t() + bias)
+        return torch.matmul(x, self.weight_ih.t()) + bias
 
     def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        xw = self.project_input(x)
         if self.window is not None:
-            return self.window(self, xw, state)
+            return self.window(self, x, state)
+        xw = self.project_input(x)
         outputs = []
         for t in range(xw.shape[0]):
             state = self.cell(xw[t], state, self.weight_hh, self.bias_hh)

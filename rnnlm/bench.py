@@ -1,0 +1,250 @@
+"""Training and generation speed of the book presets, side by side with the D2L reference.
+
+For each preset: our tokens/s (median over the epochs after a warm-up), the reference's
+tokens/s measured in the same run (`d2l_reference.sh`, when it is available), the ratio, the
+model's FLOPs per token, the fp32 matmul throughput measured at the model's own shapes (the
+roofline), the fraction of it we reach, and the final perplexity of both, so that speed can
+never come from doing less work. Then generation speed against D2L's predict_ch8.
+
+    python bench.py                       # all seven presets, 500 epochs (the book's budget)
+    python bench.py --epochs 30 --presets rnn_scratch gru
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from rnnlm.config import load_config
+from rnnlm.data import load_corpus
+from rnnlm.models import build_model
+from rnnlm.sampling import generate
+from rnnlm.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOK_PRESETS = ["rnn_scratch", "rnn_scratch_random", "gru_scratch", "lstm_scratch", "rnn",
+                "gru", "lstm"]
+REFERENCE = ROOT.parent / "shared" / "tools" / "d2l_reference.sh"
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
+
+def gates_of(kind: str) -> int:
+    return GATES[kind.removesuffix("_scratch")]
+
+
+def flops_per_token(kind: str, hidden: int, layers: int, vocab: int, inputs: int) -> float:
+    """Matmul FLOPs of one training token: forward 2*G*H*(I+H) per layer + 2*H*V output,
+    times 3 (forward, input gradients, weight gradients). One-hot inputs count as the dense
+    matmul D2L performs, so the figure is the same for every implementation."""
+    G, H = gates_of(kind), hidden
+    fwd = sum(2 * G * H * ((inputs if k == 0 else H) + H) for k in range(layers)) + 2 * H * vocab
+    return 3.0 * fwd
+
+
+def _median_seconds(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_roofline(kind: str, hidden: int, layers: int, vocab: int, batch: int, steps: int,
+                    reps: int = 20) -> float:
+    """GFLOP/s of exactly the matmuls one training batch needs, at the model's own shapes, each
+    in its fastest layout: the per-step recurrent products (B, H) @ (H, G*H) forward and
+    (B, G*H) @ (G*H, H) backward, and the window-wide input, output and weight-gradient GEMMs."""
+    G, H, T, B, V = gates_of(kind), hidden, steps, batch, vocab
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+
+    h, w_f, w_b = rand(B, H), rand(H, G * H), rand(G * H, H)
+    dgates = rand(B, G * H)
+    window_h, window_g = rand(T * B, H), rand(T * B, G * H)
+    x_in, w_in = rand(T * B, vocab), rand(vocab, G * H)
+    w_out, d_out = rand(H, V), rand(T * B, V)
+    out_f, out_b = torch.empty(B, G * H), torch.empty(B, H)
+
+    def one_batch():
+        for k in range(layers):
+            inputs = x_in if k == 0 else window_h
+            weights = w_in if k == 0 else w_f
+            torch.mm(inputs, weights)  # input projection of the window
+            for _ in range(T):
+                torch.mm(h, w_f, out=out_f)
+            for _ in range(T):
+                torch.mm(dgates, w_b, out=out_b)
+            torch.mm(window_g.t(), window_h)  # dW_hh
+            torch.mm(window_g.t(), inputs)  # dW_ih
+            torch.mm(window_g, w_b)  # d inputs
+        torch.mm(window_h, w_out)  # output layer
+        torch.mm(d_out, w_out.t())
+        torch.mm(window_h.t(), d_out)
+
+    seconds = _median_seconds(one_batch, reps)
+    flops = flops_per_token(kind, H, layers, V, V) * T * B
+    return flops / seconds / 1e9
+
+
+def run_ours(preset: str, epochs: int, warmup: int, out_root: Path, device: str,
+             overrides: list[str]) -> dict:
+    cfg = load_config(ROOT / "configs" / f"{preset}.yaml",
+                      [f"train.epochs={epochs + warmup}", f"out_dir={out_root / preset}",
+                       f"device={device}", "train.predict_every=0", *overrides])
+    with open(os.devnull, "w") as sink:
+        record = train(cfg, quiet=True, out=sink)
+    lines = (out_root / preset / "metrics.jsonl").read_text().splitlines()
+    speeds = [json.loads(line)["tokens_per_s"] for line in lines][warmup:]
+    return {"tokens_per_s": statistics.median(speeds), "ppl": record["train_ppl"], "cfg": cfg,
+            "vocab": len(load_corpus(cfg.data).vocab)}
+
+
+def run_reference(preset: str, epochs: int) -> dict | None:
+    if not REFERENCE.exists():
+        return None
+    kind = preset.removesuffix("_random")
+    args = [str(REFERENCE), kind, str(epochs)] + (["random"] if preset.endswith("_random")
+                                                  else [])
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"  reference failed for {preset}: {proc.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+    result = json.loads(proc.stdout.splitlines()[0])
+    return {"tokens_per_s": result["tokens_per_s_median"], "ppl": result["ppl"]}
+
+
+def generation_speed(num_chars: int, device: str) -> dict:
+    """Characters/s of our sampler (greedy, scratch RNN h512) and of D2L's predict_ch8."""
+    cfg = load_config(ROOT / "configs" / "rnn_scratch.yaml", [f"device={device}"])
+    corpus = load_corpus(cfg.data)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, len(corpus.vocab)).to(device)
+    prefix = torch.as_tensor(corpus.vocab.encode("time traveller"))
+    start = time.perf_counter()
+    count = sum(1 for _ in generate(model, prefix, num_chars))
+    ours = count / (time.perf_counter() - start)
+    ref = None
+    venv_python = Path(os.environ.get("D2L_REF_VENV", "/tmp/d2l-ref-venv")) / "bin" / "python"
+    script = ROOT / "scripts" / "d2l_predict_speed.py"
+    if venv_python.exists():
+        proc = subprocess.run([str(venv_python), str(script), str(num_chars),
+                               str(REFERENCE.parent.parent / "data")],
+                              capture_output=True, text=True)
+        if proc.returncode == 0:
+            ref = json.loads(proc.stdout.splitlines()[-1])["chars_per_s"]
+        else:
+            print(f"  reference predict failed: {proc.stderr.strip()[-300:]}", file=sys.stderr)
+    return {"ours": ours, "reference": ref}
+
+
+def machine_line(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, " \
+           f"{torch.get_num_threads()} intra-op threads"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        text += f", GPU {torch.cuda.get_device_name()}"
+    return text
+
+
+def fmt(x, spec=",.0f", missing="n/a"):
+    return missing if x is None else format(x, spec)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=BOOK_PRESETS, choices=BOOK_PRESETS)
+    parser.add_argument("--epochs", type=int, default=500, help="measured epochs (default 500)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-reference", action="store_true", help="skip the D2L reference")
+    parser.add_argument("--gen-chars", type=int, default=10_000)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override for our runs, e.g. --set train.threads=1")
+    parser.add_argument("--write", default=str(ROOT / "docs" / "benchmarks.md"),
+                        help="markdown file for the table ('' to skip)")
+    args = parser.parse_args(argv)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in args.presets:
+            print(f"{preset}: training {args.epochs} epochs ...", file=sys.stderr, flush=True)
+            ours = run_ours(preset, args.epochs, args.warmup, Path(tmp), args.device, args.set)
+            ref = None if args.no_reference or args.device != "cpu" else \
+                run_reference(preset, args.epochs)
+            m, d, vocab = ours["cfg"].model, ours["cfg"].data, ours["vocab"]
+            fpt = flops_per_token(m.kind, m.hidden_size, m.num_layers, vocab, vocab)
+            gflops = None
+            if args.device == "cpu":
+                gflops = matmul_roofline(m.kind, m.hidden_size, m.num_layers, vocab,
+                                         d.batch_size, d.num_steps)
+            roofline = None if gflops is None else gflops * 1e9 / fpt
+            rows.append({
+                "preset": preset, "ours": ours["tokens_per_s"], "ours_ppl": ours["ppl"],
+                "ref": ref and ref["tokens_per_s"], "ref_ppl": ref and ref["ppl"],
+                "ratio": ref and ours["tokens_per_s"] / ref["tokens_per_s"],
+                "mflop_per_token": fpt / 1e6, "gflops": gflops, "roofline": roofline,
+                "fraction": roofline and ours["tokens_per_s"] / roofline,
+            })
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    gen = generation_speed(args.gen_chars, args.device)
+
+    header = ("| preset | ours tok/s | D2L tok/s | ratio | MFLOP/token | matmul GFLOP/s | "
+              "roofline tok/s | of roofline | ours ppl | D2L ppl |")
+    lines = [header, "|" + "---|" * 10]
+    for r in rows:
+        lines.append(f"| {r['preset']} | {fmt(r['ours'])} | {fmt(r['ref'])} | "
+                     f"{fmt(r['ratio'], '.2f')}x | {r['mflop_per_token']:.2f} | "
+                     f"{fmt(r['gflops'], '.0f')} | {fmt(r['roofline'])} | "
+                     f"{fmt(r['fraction'] and 100 * r['fraction'], '.0f')}% | "
+                     f"{r['ours_ppl']:.3f} | {fmt(r['ref_ppl'], '.3f')} |")
+    gen_ratio = gen["reference"] and gen["ours"] / gen["reference"]
+    gen_line = (f"Generation (scratch RNN h512, greedy, {args.gen_chars:,} characters): ours "
+                f"{gen['ours']:,.0f} chars/s, D2L predict_ch8 {fmt(gen['reference'])} chars/s, "
+                f"ratio {fmt(gen_ratio, '.1f')}x.")
+    command = "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = "\n".join([
+        f"Machine: {machine_line(args.device)}; device {args.device}.",
+        f"Command: `{command.strip()}` ({args.epochs} measured epochs after {args.warmup} "
+        f"warm-up; tokens/s is the median over epochs; ppl is the final training "
+        f"perplexity).", "", *lines, "", gen_line])
+    print(report)
+    if args.write:
+        write_section(Path(args.write), "cpu" if args.device == "cpu" else "gpu", report)
+    return 0
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    """Replace the text between this section's markers (added at the end when missing), so
+    the prose around the tables and the other device's table survive a new run."""
+    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")

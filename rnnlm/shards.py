@@ -1,0 +1,71 @@
+"""Forward and backward of one batch, optionally split by lanes across CPU cores.
+
+A character-level RNN step is a small matmul that two cores cannot share well (DESIGN §5):
+splitting every (32 x 512) @ (512 x 512) product over two threads gains little. Giving each
+core its own group of lanes (rows of the batch) with one intra-op thread keeps both busy
+on products that are each half as tall. The lanes of a batch are independent until the loss,
+so with shards of equal size
+
+    L = mean over all tokens = sum_k (n_k / n) * L_k,    dL/dw = sum_k (n_k / n) dL_k/dw
+
+and the result is the single-threaded gradient up to floating-point rounding. Gradients of
+the shards are summed in a fixed order, so runs stay deterministic.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+
+from rnnlm.models import LanguageModel, State
+
+
+def sequence_loss(logits: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every predicted token; logits (T, B, V), Y (B, T)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.t().reshape(-1))
+
+
+def forward_backward(model: LanguageModel, X, Y, state: State) -> tuple[torch.Tensor, State]:
+    """One batch on one thread: loss (0-d, still attached) and the next state; grads in .grad."""
+    logits, state = model(X, state)
+    loss = sequence_loss(logits, Y)
+    loss.backward()
+    return loss, state
+
+
+class ShardedForwardBackward:
+    """Drop-in for `forward_backward` that runs `num_shards` lane groups on their own threads."""
+
+    def __init__(self, num_shards: int):
+        self.num_shards = num_shards
+        self.pool = ThreadPoolExecutor(num_shards, thread_name_prefix="rnnlm-shard")
+
+    def __call__(self, model: LanguageModel, X, Y, state: State):
+        params = [p for p in model.parameters() if p.requires_grad]
+        lanes = torch.arange(X.shape[0]).tensor_split(self.num_shards)
+        total = Y.numel()
+
+        def shard(rows: torch.Tensor):
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            logits, new_state = model(X[lo:hi], tuple(s[:, lo:hi] for s in state))
+            loss = sequence_loss(logits, Y[lo:hi])
+            weight = Y[lo:hi].numel() / total
+            grads = torch.autograd.grad(loss * weight, params, allow_unused=True)
+            return loss.detach() * weight, new_state, grads
+
+        results = list(self.pool.map(shard, lanes))
+        for i, p in enumerate(params):
+            parts = [r[2][i] for r in results if r[2][i] is not None]
+            if parts:
+                grad = parts[0].clone()
+                for part in parts[1:]:
+                    grad += part
+                p.grad = grad if p.grad is None else p.grad + grad
+        loss = sum(r[0] for r in results)
+        state = tuple(torch.cat(parts, dim=1) for parts in zip(*(r[1] for r in results)))
+        return loss, state
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
