@@ -60,6 +60,8 @@ class TrainConfig:
     # Split each batch by lanes into this many groups, each run forward and backward on its
     # own CPU thread (shards.py): faster than splitting each small matmul across cores.
     batch_shards: int = 1
+    # On CUDA, replay each batch's forward and backward from captured CUDA graphs.
+    cuda_graphs: bool = True
 
 
 @dataclass

@@ -191,6 +191,10 @@ def train(cfg: Config, quiet: bool = False, out=sys.stdout) -> dict:
     model = build_model(cfg.model, len(corpus.vocab)).to(device)
     optimizer = make_optimizer(cfg, model)
     prompt = prefix_ids(corpus, cfg.train.prefix)
+    train_model = model
+    if device.type == "cuda" and cfg.train.cuda_graphs:
+        from rnnlm.cuda_graphs import GraphedModel
+        train_model = GraphedModel(model, batches.local_batch, cfg.data.num_steps)
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +217,7 @@ def train(cfg: Config, quiet: bool = False, out=sys.stdout) -> dict:
     step = 0
     record: dict = {}
     for epoch in bar:
-        result = train_epoch(model, batches.epoch(epoch), optimizer, cfg.train.clip_norm,
+        result = train_epoch(train_model, batches.epoch(epoch), optimizer, cfg.train.clip_norm,
                              batches.carries_state, device, batch_step)
         step += result.batches
         record = {
