@@ -2,8 +2,9 @@
 
 Runs inside the D2L reference environment (made by d2l_reference.sh), not rnnlm's.
 Usage: python d2l_predict_speed.py NUM_CHARS DATA_DIR
-The d2l package imports plotting and vision libraries it does not need for chapter 8: they
-are replaced by empty modules. The RNN equations below are the book's scratch RNN.
+Threads follow torch's default, as in the reference trainer. The d2l package imports
+plotting and vision libraries it does not need for chapter 8: they are replaced by empty
+modules. The RNN equations below are the book's scratch RNN.
 """
 
 import importlib.machinery
@@ -35,8 +36,9 @@ V, H, device = len(vocab), 512, torch.device("cpu")
 def params(vocab_size, hidden, dev):
     def normal(*shape):
         return torch.randn(*shape) * 0.01
-    return [normal(vocab_size, hidden), normal(hidden, hidden), torch.zeros(hidden),
-            normal(hidden, vocab_size), torch.zeros(vocab_size)]
+    ps = [normal(vocab_size, hidden), normal(hidden, hidden), torch.zeros(hidden),
+          normal(hidden, vocab_size), torch.zeros(vocab_size)]
+    return [p.requires_grad_(True) for p in ps]  # as the book's get_params does
 
 
 def begin(batch, hidden, dev):
@@ -55,8 +57,8 @@ def forward(inputs, state, ps):
 
 torch.manual_seed(0)
 net = d2l.RNNModelScratch(V, H, device, params, begin, forward)
+# As the book calls it (train_ch8 and the text after it): without torch.no_grad.
 start = time.perf_counter()
-with torch.no_grad():
-    text = d2l.predict_ch8("time traveller", num_chars, net, vocab, device)
+text = d2l.predict_ch8("time traveller", num_chars, net, vocab, device)
 seconds = time.perf_counter() - start
 print(json.dumps({"chars": num_chars, "seconds": seconds, "chars_per_s": num_chars / seconds}))
