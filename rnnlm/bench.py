@@ -219,6 +219,11 @@ def main(argv=None) -> int:
                      f"{fmt(r['gflops'], '.0f')} | {fmt(r['roofline'])} | "
                      f"{fmt(r['fraction'] and 100 * r['fraction'], '.0f')}% | "
                      f"{r['ours_ppl']:.3f} | {fmt(r['ref_ppl'], '.3f')} |")
+    speed = {r["preset"]: r["ours"] for r in rows}
+    twins = [f"{kind}_scratch / {kind}: {speed[f'{kind}_scratch'] / speed[kind]:.2f}x"
+             for kind in ("gru", "lstm") if f"{kind}_scratch" in speed and kind in speed]
+    twin_line = ("Scratch model against its torch.nn twin of the same size (ours, tokens/s): "
+                 + "; ".join(twins) + ".") if twins else ""
     gen_ratio = gen["reference"] and gen["ours"] / gen["reference"]
     gen_line = (f"Generation (scratch RNN h512, greedy, {args.gen_chars:,} characters): ours "
                 f"{gen['ours']:,.0f} chars/s, D2L predict_ch8 {fmt(gen['reference'])} chars/s, "
@@ -228,7 +233,7 @@ def main(argv=None) -> int:
         f"Machine: {machine_line(args.device)}; device {args.device}.",
         f"Command: `{command.strip()}` ({args.epochs} measured epochs after {args.warmup} "
         f"warm-up; tokens/s is the median over epochs; ppl is the final training "
-        f"perplexity).", "", *lines, "", gen_line])
+        f"perplexity).", "", *lines, "", twin_line, "", gen_line])
     print(report)
     if args.write:
         write_section(Path(args.write), "cpu" if args.device == "cpu" else "gpu", report)
