@@ -167,8 +167,8 @@ def machine_line(device: str) -> str:
     return text
 
 
-def fmt(x, spec=",.0f", missing="n/a"):
-    return missing if x is None else format(x, spec)
+def fmt(x, spec=",.0f", missing="n/a", suffix=""):
+    return missing if x is None else format(x, spec) + suffix
 
 
 def main(argv=None) -> int:
@@ -215,9 +215,9 @@ def main(argv=None) -> int:
     lines = [header, "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['preset']} | {fmt(r['ours'])} | {fmt(r['ref'])} | "
-                     f"{fmt(r['ratio'], '.2f')}x | {r['mflop_per_token']:.2f} | "
+                     f"{fmt(r['ratio'], '.2f', suffix='x')} | {r['mflop_per_token']:.2f} | "
                      f"{fmt(r['gflops'], '.0f')} | {fmt(r['roofline'])} | "
-                     f"{fmt(r['fraction'] and 100 * r['fraction'], '.0f')}% | "
+                     f"{fmt(r['fraction'] and 100 * r['fraction'], '.0f', suffix='%')} | "
                      f"{r['ours_ppl']:.3f} | {fmt(r['ref_ppl'], '.3f')} |")
     speed = {r["preset"]: r["ours"] for r in rows}
     twins = [f"{kind}_scratch / {kind}: {speed[f'{kind}_scratch'] / speed[kind]:.2f}x"
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     gen_ratio = gen["reference"] and gen["ours"] / gen["reference"]
     gen_line = (f"Generation (scratch RNN h512, greedy, {args.gen_chars:,} characters): ours "
                 f"{gen['ours']:,.0f} chars/s, D2L predict_ch8 {fmt(gen['reference'])} chars/s, "
-                f"ratio {fmt(gen_ratio, '.1f')}x.")
+                f"ratio {fmt(gen_ratio, '.1f', suffix='x')}.")
     command = "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = "\n".join([
         f"Machine: {machine_line(args.device)}; device {args.device}.",
