@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from rnnlm import distributed
 from rnnlm.config import Config, ConfigError, dump_yaml
 from rnnlm.data import PREPROCESSORS, Corpus, load_corpus
 from rnnlm.iterators import BatchIterator
@@ -116,20 +117,24 @@ def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | Non
     carried across batches and detached at every boundary (regular truncated BPTT).
     carry_state=False (random iteration): a fresh state for every batch.
     `step` computes the loss and the gradients of one batch (shards.py).
+    Under DDP `model` is the wrapped model and `batches` this rank's share; the returned
+    loss, tokens and time are totals over all ranks (the same on every rank).
     """
     model.train()
+    core = distributed.unwrap(model)
     params = [p for p in model.parameters() if p.requires_grad]
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     norm_sum = torch.zeros((), device=device, dtype=torch.float64)
     clipped = torch.zeros((), device=device, dtype=torch.float64)
     tokens = num_batches = 0
     state = None
+    distributed.barrier()
     synchronize(device)
     start = time.perf_counter()
     for X, Y in batches:
         X, Y = X.to(device, non_blocking=True), Y.to(device, non_blocking=True)
         if state is None or not carry_state:
-            state = model.begin_state(X.shape[0])
+            state = core.begin_state(X.shape[0])  # local lanes
         else:
             state = detach_state(state)
         optimizer.zero_grad(set_to_none=True)
@@ -144,10 +149,15 @@ def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | Non
         tokens += n
         num_batches += 1
     synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds = distributed.max_across_ranks(time.perf_counter() - start, device)
     if num_batches == 0:
         raise RuntimeError("the iterator yielded no batch")  # prevented by check_corpus_length
-    return EpochResult(loss=loss_sum.item() / tokens, tokens=tokens, seconds=seconds,
+    # The gradient norm and clipping need no reduction: DDP averaged the gradients, so
+    # every rank clipped the same global gradient. Loss and tokens are per-rank sums.
+    loss_total, tokens = distributed.sum_across_ranks(
+        torch.stack([loss_sum, loss_sum.new_tensor(tokens)])).tolist()
+    tokens = int(tokens)
+    return EpochResult(loss=loss_total / tokens, tokens=tokens, seconds=seconds,
                        grad_norm=norm_sum.item() / num_batches,
                        clipped_frac=clipped.item() / num_batches, batches=num_batches)
 
@@ -175,8 +185,19 @@ class MetricsLog:
 
 
 def train(cfg: Config, quiet: bool = False, out=sys.stdout) -> dict:
-    """Run a whole training job from a config; returns the last epoch's record."""
-    device = resolve_device(cfg.device)
+    """Run a whole training job from a config; returns the last epoch's record.
+
+    Under torchrun this process is one rank of a data-parallel job (rnnlm.distributed);
+    alone it is the whole job."""
+    ctx = distributed.context_from_env()
+    distributed.check_config(cfg, ctx)
+    device = distributed.device_for_rank(resolve_device(cfg.device), ctx)
+    with distributed.process_group(ctx, device):
+        return run_training(cfg, ctx, device, quiet or not ctx.is_main, out)
+
+
+def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device,
+                 quiet: bool, out) -> dict:
     batch_step = forward_backward
     if cfg.train.batch_shards > 1:
         if device.type != "cpu":
@@ -187,19 +208,24 @@ def train(cfg: Config, quiet: bool = False, out=sys.stdout) -> dict:
     seed_everything(cfg.seed)
     corpus = load_corpus(cfg.data)
     batches = BatchIterator(corpus.ids, cfg.data.batch_size, cfg.data.num_steps,
-                            cfg.data.iterator, seed=cfg.seed)
+                            cfg.data.iterator, seed=cfg.seed, rank=ctx.rank,
+                            world_size=ctx.world_size)
     model = build_model(cfg.model, len(corpus.vocab)).to(device)
+    distributed.seed_rank_streams(cfg.seed, ctx)
     optimizer = make_optimizer(cfg, model)
     prompt = prefix_ids(corpus, cfg.train.prefix)
     train_model = model
     if device.type == "cuda" and cfg.train.cuda_graphs:
         from rnnlm.cuda_graphs import GraphedModel
         train_model = GraphedModel(model, batches.local_batch, cfg.data.num_steps)
+    train_model = distributed.wrap_model(train_model, device)  # DDP when distributed
 
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
-    metrics = MetricsLog(out_dir / "metrics.jsonl")
+    metrics = None  # only rank 0 writes files
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+        metrics = MetricsLog(out_dir / "metrics.jsonl")
 
     def say(line: str) -> None:
         if not quiet:
@@ -208,7 +234,8 @@ def train(cfg: Config, quiet: bool = False, out=sys.stdout) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     say(f"{cfg.model.kind}: {n_params:,} parameters, vocabulary {len(corpus.vocab)}, "
         f"{len(corpus):,} tokens from {corpus.source} ({corpus.preprocess}), "
-        f"{cfg.data.iterator} iteration, device {device}")
+        f"{cfg.data.iterator} iteration, device {device}"
+        + (f", {ctx.world_size} processes (DDP)" if ctx.enabled else ""))
 
     show_bar = not quiet and out.isatty()
     bar = tqdm(range(cfg.train.epochs), disable=not show_bar, unit="epoch", file=out,
@@ -227,17 +254,21 @@ def train(cfg: Config, quiet: bool = False, out=sys.stdout) -> dict:
             "tokens_per_s": result.tokens_per_s, "grad_norm": result.grad_norm,
             "clipped_frac": result.clipped_frac, "lr": optimizer.param_groups[0]["lr"],
             "epoch_s": result.seconds, "wall_s": time.perf_counter() - wall_start,
+            "tokens": result.tokens,
         }
-        metrics.write(record)
+        if metrics is not None:
+            metrics.write(record)
         bar.set_postfix(ppl=f"{result.ppl:.2f}", tok_s=f"{result.tokens_per_s:,.0f}")
         every = cfg.train.predict_every
-        if every and (epoch + 1) % every == 0 and epoch + 1 < cfg.train.epochs:
+        if every and (epoch + 1) % every == 0 and epoch + 1 < cfg.train.epochs and not quiet:
             say(f"epoch {epoch + 1:>4}  ppl {result.ppl:8.3f}  grad {result.grad_norm:6.3f}  "
                 f"{result.tokens_per_s:>9,.0f} tok/s  | "
                 f"{predict_greedy(model, corpus.vocab, prompt, cfg.train.predict_chars)}")
     bar.close()
     if isinstance(batch_step, ShardedForwardBackward):
         batch_step.close()
+    if not ctx.is_main:
+        return record
 
     final_text = predict_greedy(model, corpus.vocab, prompt, cfg.train.predict_chars)
     print(final_text, file=out)

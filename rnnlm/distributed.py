@@ -1,0 +1,182 @@
+"""Data-parallel training across processes started by torchrun (DistributedDataParallel).
+
+torchrun starts one process per device and tells each who it is through environment
+variables (RANK, WORLD_SIZE, LOCAL_RANK, and MASTER_ADDR/MASTER_PORT for the rendezvous).
+A process without them, or with WORLD_SIZE=1, is a plain single-process run: every helper
+here is then a no-op, so the trainer has one code path.
+
+Why the result equals a single-process run: every rank takes `batch_size / world_size`
+lanes (or windows) of the same global batch, its loss is the mean over its local tokens,
+and DDP averages the gradients across ranks during backward. With the same number of
+tokens on every rank (always true here), the average of the local means is the global
+mean, so every rank holds the gradient the single process would have computed. Clipping
+after backward therefore sees the same global norm on every rank, and the parameters
+stay identical without any further communication.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from rnnlm.config import ConfigError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Who this process is among the job's processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0  # index of this process on its node: picks the GPU
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 prints, writes files and checkpoints; the others only compute."""
+        return self.rank == 0
+
+
+def _env_int(environ, name: str, default: int) -> int:
+    text = environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={text!r} must be an integer "
+                          f"(torchrun sets it; unset it for a single-process run)") from None
+
+
+def context_from_env(environ=None) -> DistContext:
+    environ = os.environ if environ is None else environ
+    world_size = _env_int(environ, "WORLD_SIZE", 1)
+    rank = _env_int(environ, "RANK", 0)
+    local_rank = _env_int(environ, "LOCAL_RANK", 0)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"RANK={rank} / WORLD_SIZE={world_size} are inconsistent: start "
+                          f"data-parallel runs with torchrun, which sets them")
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def check_batch_size(batch_size: int, ctx: DistContext) -> None:
+    """data.batch_size is the global batch: it must split evenly over the processes."""
+    if batch_size % ctx.world_size:
+        raise ConfigError(
+            f"data.batch_size={batch_size} is not divisible by the {ctx.world_size} "
+            f"processes of this run (nodes x --nproc_per_node): data.batch_size is the global "
+            f"batch, so choose a multiple of {ctx.world_size} or another process count")
+
+
+def check_config(cfg, ctx: DistContext) -> None:
+    """What a data-parallel run cannot do, found before any process waits for another."""
+    if not ctx.enabled:
+        return
+    check_batch_size(cfg.data.batch_size, ctx)
+    if cfg.train.batch_shards > 1:
+        # Shards compute gradients with torch.autograd.grad, which bypasses DDP's
+        # all-reduce hooks; one process per core already gives each core its lanes.
+        raise ConfigError(
+            f"train.batch_shards={cfg.train.batch_shards} cannot be combined with "
+            f"{ctx.world_size} torchrun processes: run one single-threaded process per core "
+            f"(torchrun --nproc_per_node=CORES) and leave train.batch_shards at 1")
+
+
+def device_for_rank(device: torch.device, ctx: DistContext) -> torch.device:
+    """One process per device: rank-local GPU LOCAL_RANK on CUDA, the CPU otherwise."""
+    if not ctx.enabled:
+        return device
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if ctx.local_rank >= count:
+            raise ConfigError(f"LOCAL_RANK {ctx.local_rank} has no GPU: this node has {count}; "
+                              f"start at most {count} processes per node "
+                              f"(torchrun --nproc_per_node={count})")
+        return torch.device("cuda", ctx.local_rank)
+    if device.type != "cpu":
+        raise ConfigError(f"device {device.type} does not support data-parallel training; "
+                          f"use device: cpu (gloo) or cuda (NCCL) with torchrun")
+    return device
+
+
+@contextmanager
+def process_group(ctx: DistContext, device: torch.device) -> Iterator[None]:
+    """Join the job's process group for the duration of the block (NCCL on CUDA, gloo on
+    CPU) and leave it however the block ends, so no rank hangs on exit."""
+    if not ctx.enabled:
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", rank=ctx.rank, world_size=ctx.world_size,
+                                device_id=device)
+    else:
+        dist.init_process_group("gloo", rank=ctx.rank, world_size=ctx.world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP around the model when running distributed, the model itself otherwise.
+
+    Every parameter receives a gradient in every step (one-hot input gathers columns of the
+    input weights, which still gives the whole matrix a gradient), so DDP needs no
+    find_unused_parameters search. The carried state is detached at every batch boundary,
+    so each backward pass stays within one forward call, as DDP expects.
+    """
+    if not is_distributed():
+        return model
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP: the one whose begin_state, weights and state_dict we use."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Elementwise sum over all ranks (a copy; the input is left alone)."""
+    values = values.clone()
+    if is_distributed():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def max_across_ranks(value: float, device: torch.device) -> float:
+    if not is_distributed():
+        return value
+    t = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def barrier() -> None:
+    """Wait until every rank arrives (e.g. so rank 0's predictions between epochs are not
+    counted in the other ranks' epoch time)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def seed_rank_streams(seed: int, ctx: DistContext) -> None:
+    """Give each rank its own torch random stream once the model is built (identically on
+    every rank), so dropout masks differ between ranks as they differ between the lanes of
+    one process. Single-process runs keep their stream untouched."""
+    if ctx.enabled:
+        torch.manual_seed(int(np.random.SeedSequence([seed, ctx.rank]).generate_state(1)[0]))

@@ -1,0 +1,126 @@
+"""Data-parallel training: torchrun with 2 gloo processes must reproduce 1 process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rnnlm import distributed
+from rnnlm.config import ConfigError, load_config
+from rnnlm.models import MODEL_KINDS, build_model
+from rnnlm.trainer import train
+from tests.conftest import ROOT
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def read_metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def single_process_env():
+    """The test process' environment without any torchrun variables it may have inherited."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+
+
+# clip_norm 0.2 makes clipping bite in some batches, so equal grad norms and clipped
+# fractions show that every rank clipped the same (global, averaged) gradient.
+EQUIVALENCE_CASES = {
+    "sequential": ["data.iterator=sequential", "model.kind=rnn_scratch"],
+    "random": ["data.iterator=random", "model.kind=lstm"],
+}
+
+
+@pytest.mark.parametrize("iterator", list(EQUIVALENCE_CASES))
+def test_two_processes_match_one(iterator, data_dir, tmp_path, monkeypatch):
+    overrides = [f"data.data_dir={data_dir}", "train.epochs=3", "train.threads=1",
+                 "train.clip_norm=0.2", "train.predict_every=1", *EQUIVALENCE_CASES[iterator]]
+    flat = [a for o in overrides for a in ("--set", o)]
+    proc = subprocess.run(
+        [*TORCHRUN, "--nproc_per_node=2", "train.py", "--config", "configs/tiny.yaml", *flat,
+         "--set", f"out_dir={tmp_path / 'ddp'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=single_process_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = load_config(ROOT / "configs/tiny.yaml", [*overrides, f"out_dir={tmp_path / 'one'}"])
+    train(cfg, quiet=True)
+
+    ddp, one = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "one")
+    assert [r["epoch"] for r in ddp] == [r["epoch"] for r in one] == [1, 2, 3]
+    assert any(r["clipped_frac"] > 0 for r in one)
+    for a, b in zip(ddp, one):
+        assert a["step"] == b["step"] and a["tokens"] == b["tokens"]  # global, not per rank
+        assert a["clipped_frac"] == b["clipped_frac"]
+        for key in ("train_loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a["epoch"])
+    # Only rank 0 talks: one header, one line per epoch prediction, one final summary.
+    lines = proc.stdout.splitlines()
+    assert sum(line.startswith("perplexity ") for line in lines) == 1
+    assert sum("2 processes (DDP)" in line for line in lines) == 1
+    assert sum(line.startswith("epoch    1 ") for line in lines) == 1
+
+
+def test_indivisible_batch_is_a_clear_error(tiny_overrides):
+    env = {**single_process_env(), "RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}
+    flat = [a for o in tiny_overrides for a in ("--set", o)]
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/tiny.yaml", *flat],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "data.batch_size=4 is not divisible by the 3 processes" in proc.stderr
+
+
+def test_context_from_env():
+    assert distributed.context_from_env({}) == distributed.DistContext(0, 1, 0)
+    ctx = distributed.context_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.enabled, ctx.is_main) == (
+        3, 4, 1, True, False)
+    with pytest.raises(ConfigError, match="WORLD_SIZE='two' must be an integer"):
+        distributed.context_from_env({"WORLD_SIZE": "two"})
+    with pytest.raises(ConfigError, match="RANK=4 / WORLD_SIZE=4 are inconsistent"):
+        distributed.context_from_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_batch_size_must_split_evenly():
+    distributed.check_batch_size(32, distributed.DistContext(0, 4, 0))
+    with pytest.raises(ConfigError, match="choose a multiple of 3"):
+        distributed.check_batch_size(32, distributed.DistContext(0, 3, 0))
+
+
+def test_batch_shards_are_refused_under_ddp():
+    cfg = load_config(None, ["train.batch_shards=2"])
+    distributed.check_config(cfg, distributed.DistContext())  # one process: fine
+    with pytest.raises(ConfigError, match="batch_shards=2 cannot be combined with 2 torchrun"):
+        distributed.check_config(cfg, distributed.DistContext(0, 2, 0))
+
+
+def test_device_per_rank():
+    ctx = distributed.DistContext(1, 2, 1)
+    assert distributed.device_for_rank(torch.device("cpu"), ctx) == torch.device("cpu")
+    mps = torch.device("mps")
+    assert distributed.device_for_rank(mps, distributed.DistContext()) == mps  # untouched
+    with pytest.raises(ConfigError, match="device mps does not support data-parallel"):
+        distributed.device_for_rank(mps, ctx)
+    if torch.cuda.device_count() <= 1:
+        with pytest.raises(ConfigError, match="LOCAL_RANK 1 has no GPU"):
+            distributed.device_for_rank(torch.device("cuda"), ctx)
+
+
+@pytest.mark.parametrize("kind", list(MODEL_KINDS))
+@pytest.mark.parametrize("embedding_dim", [None, 4])
+def test_every_parameter_gets_a_gradient(kind, embedding_dim):
+    """Why DDP runs without find_unused_parameters: one step touches every parameter."""
+    cfg = load_config(None, [f"model.kind={kind}", "model.hidden_size=6", "model.num_layers=2",
+                             f"model.embedding_dim={'null' if embedding_dim is None else 4}"])
+    model = build_model(cfg.model, 7)
+    logits, _ = model(torch.randint(0, 7, (3, 5)), model.begin_state(3))
+    logits.sum().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert missing == []
