@@ -113,11 +113,16 @@ def test_device_per_rank():
             distributed.device_for_rank(torch.device("cuda"), ctx)
 
 
-@pytest.mark.parametrize("kind", list(MODEL_KINDS))
+BACKWARDS = [(kind, backward) for kind in MODEL_KINDS
+             for backward in (["manual", "autograd"] if kind.endswith("_scratch") else ["auto"])]
+
+
+@pytest.mark.parametrize("kind,backward", BACKWARDS)
 @pytest.mark.parametrize("embedding_dim", [None, 4])
-def test_every_parameter_gets_a_gradient(kind, embedding_dim):
+def test_every_parameter_gets_a_gradient(kind, backward, embedding_dim):
     """Why DDP runs without find_unused_parameters: one step touches every parameter."""
-    cfg = load_config(None, [f"model.kind={kind}", "model.hidden_size=6", "model.num_layers=2",
+    cfg = load_config(None, [f"model.kind={kind}", f"model.backward={backward}",
+                             "model.hidden_size=6", "model.num_layers=2",
                              f"model.embedding_dim={'null' if embedding_dim is None else 4}"])
     model = build_model(cfg.model, 7)
     logits, _ = model(torch.randint(0, 7, (3, 5)), model.begin_state(3))
