@@ -180,3 +180,85 @@ def seed_rank_streams(seed: int, ctx: DistContext) -> None:
     one process. Single-process runs keep their stream untouched."""
     if ctx.enabled:
         torch.manual_seed(int(np.random.SeedSequence([seed, ctx.rank]).generate_state(1)[0]))
+
+
+# ---------------------------------------------------------------------------- carried state
+
+
+def gather_lanes(state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The carried state of the whole global batch, (L, B_local, H) -> (L, B, H), on every
+    rank; ranks hold consecutive lane blocks in rank order, as the iterator hands them out."""
+    if not is_distributed():
+        return state
+    gathered = []
+    for part in state:
+        parts = [torch.empty_like(part) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, part.contiguous())
+        gathered.append(torch.cat(parts, dim=1))
+    return tuple(gathered)
+
+
+def shard_lanes(state: tuple[torch.Tensor, ...], ctx: DistContext) -> tuple[torch.Tensor, ...]:
+    """This rank's lanes of a global-batch state (the inverse of gather_lanes, for any
+    world size that divides the batch)."""
+    local = state[0].shape[1] // ctx.world_size
+    return tuple(s[:, ctx.rank * local: (ctx.rank + 1) * local].contiguous() for s in state)
+
+
+# ---------------------------------------------------------------------------- stopping
+
+
+class StopAgreement:
+    """Lets all ranks stop after the same step when any of them was asked to (Ctrl-C or
+    SIGTERM reach the ranks at slightly different moments, possibly in different steps).
+
+    Each step starts an asynchronous MAX all-reduce of this rank's stop flag, which overlaps
+    with the step's compute; `should_stop()` after the step waits for it, so every rank gets
+    the same answer for the same step. Single-process runs just read the flag.
+    """
+
+    def __init__(self, requested):
+        self.requested = requested  # () -> bool: this rank was asked to stop
+        self._flag = None
+        self._work = None
+
+    def begin_step(self) -> None:
+        if is_distributed():
+            self._flag = torch.tensor([1 if self.requested() else 0], dtype=torch.int32)
+            if dist.get_backend() == "nccl":
+                self._flag = self._flag.cuda()
+            self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, async_op=True)
+
+    def should_stop(self) -> bool:
+        if self._work is None:
+            return bool(self.requested())
+        self._work.wait()
+        self._work = None
+        return bool(self._flag.item())
+
+
+# ---------------------------------------------------------------------------- test hook
+
+KILL_ENV = "RNNLM_TEST_KILL"
+
+
+class FaultInjector:
+    """For the lost-worker test only: RNNLM_TEST_KILL="RANK:STEP:MARKER" makes rank RANK
+    die abruptly (os._exit, no cleanup) at its STEP-th training step of this process, once:
+    the MARKER file it creates first keeps the restarted process alive."""
+
+    def __init__(self, ctx: DistContext, environ=None):
+        spec = (os.environ if environ is None else environ).get(KILL_ENV)
+        self.step_to_die = None
+        self.steps = 0
+        if spec:
+            rank, step, marker = spec.split(":", 2)
+            if int(rank) == ctx.rank and not os.path.exists(marker):
+                self.step_to_die, self.marker = int(step), marker
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps == self.step_to_die:
+            with open(self.marker, "w", encoding="utf-8") as f:
+                f.write(f"killed at step {self.steps}\n")
+            os._exit(17)
