@@ -129,3 +129,72 @@ def test_every_parameter_gets_a_gradient(kind, backward, embedding_dim):
     logits.sum().backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None]
     assert missing == []
+
+
+def _two_rank_worker(rank, init_file, results):
+    """Runs in a spawned process: one rank of a 2-process gloo group."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=2)
+    try:
+        ctx = distributed.DistContext(rank, 2, rank)
+        full = tuple(torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3) + k
+                     for k in range(2))  # (L=2, B=4, H=3) state of two tensors, LSTM-like
+        mine = distributed.shard_lanes(full, ctx)
+        gathered = distributed.gather_lanes(mine)
+        # Rank 1 is asked to stop before step 3; both ranks must stop after the same step.
+        stopped_after = None
+        for step in range(1, 6):
+            stop = distributed.StopAgreement(lambda s=step: rank == 1 and s >= 3)
+            stop.begin_step()
+            if stop.should_stop():
+                stopped_after = step
+                break
+        results.put((rank, mine[0].shape[1], all(torch.equal(a, b)
+                                                  for a, b in zip(gathered, full)),
+                     stopped_after))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_lanes_gather_and_shard_and_ranks_agree_to_stop(tmp_path):
+    mp = torch.multiprocessing.get_context("spawn")
+    results = mp.Queue()
+    procs = [mp.Process(target=_two_rank_worker, args=(r, tmp_path / "init", results))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    got = sorted(results.get(timeout=5) for _ in range(2))
+    assert got == [(0, 2, True, 3), (1, 2, True, 3)]
+
+
+def test_stop_agreement_single_process_reads_the_flag():
+    asked = []
+    stop = distributed.StopAgreement(lambda: bool(asked))
+    stop.begin_step()
+    assert not stop.should_stop()
+    asked.append(1)
+    stop.begin_step()
+    assert stop.should_stop()
+
+
+def test_fault_injector_kills_once(tmp_path, monkeypatch):
+    marker = tmp_path / "killed"
+    exits = []
+    monkeypatch.setattr(distributed.os, "_exit", lambda code: exits.append(code))
+    env = {distributed.KILL_ENV: f"1:3:{marker}"}
+    other = distributed.FaultInjector(distributed.DistContext(0, 2, 0), env)
+    victim = distributed.FaultInjector(distributed.DistContext(1, 2, 1), env)
+    for _ in range(5):
+        other.step()
+        victim.step()
+    assert exits == [17] and marker.read_text() == "killed at step 3\n"
+    restarted = distributed.FaultInjector(distributed.DistContext(1, 2, 1), env)
+    for _ in range(5):
+        restarted.step()
+    assert exits == [17]  # the marker keeps the restarted rank alive
