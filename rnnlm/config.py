@@ -62,6 +62,7 @@ class TrainConfig:
     batch_shards: int = 1
     # On CUDA, replay each batch's forward and backward from captured CUDA graphs.
     cuda_graphs: bool = True
+    checkpoint_every: int = 10  # epochs between writes of out_dir/last.pt; 0 = only at the end
 
 
 @dataclass
@@ -265,6 +266,9 @@ def validate(cfg: Config) -> None:
              "stream, which the shard threads would race for (runs would not repeat)")
     _require(t.threads is None or t.threads >= 1,
              f"train.threads must be >= 1 or null, got {t.threads}")
+    _require(t.checkpoint_every >= 0,
+             f"train.checkpoint_every must be >= 0 (0 = only at the end), got "
+             f"{t.checkpoint_every}")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +22,18 @@ import torch
 from tqdm import tqdm
 
 from rnnlm import distributed
+from rnnlm.checkpoint import (
+    atomic_save,
+    claim_out_dir,
+    improves,
+    make_checkpoint,
+    restore_rng,
+    restore_training,
+    tracked_metric,
+)
 from rnnlm.config import Config, ConfigError, dump_yaml
 from rnnlm.data import PREPROCESSORS, Corpus, load_corpus
+from rnnlm.interrupts import StopRequest, TrainingInterrupted, stop_on_signals
 from rnnlm.iterators import BatchIterator
 from rnnlm.models import LanguageModel, build_model, detach_state
 from rnnlm.sampling import predict_greedy
@@ -86,6 +98,39 @@ def perplexity(mean_loss: float) -> float:
 
 
 @dataclass
+class EpochProgress:
+    """An epoch's running totals after `batches` batches: what a checkpoint taken in the
+    middle of an epoch needs to finish it exactly as an uninterrupted run would.
+
+    Totals are over all ranks, and `state` holds every lane of the global batch; under DDP
+    rank 0 resumes with the loss and token totals and the other ranks with zero, since
+    train_epoch sums them over the ranks at the end."""
+    batches: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    loss_sum: float = 0.0  # float64 sums as Python floats: they round-trip exactly
+    norm_sum: float = 0.0
+    clipped: float = 0.0
+    state: tuple | None = None  # the hidden state carried into the next batch (sequential)
+
+    def to_dict(self) -> dict:
+        fields = dict(vars(self))
+        fields["state"] = None if self.state is None else [s.detach() for s in self.state]
+        return fields
+
+    @classmethod
+    def from_dict(cls, fields: dict, device: torch.device,
+                  ctx: distributed.DistContext) -> EpochProgress:
+        progress = cls(**fields)
+        if progress.state is not None:
+            state = tuple(s.to(device) for s in progress.state)
+            progress.state = distributed.shard_lanes(state, ctx) if ctx.enabled else state
+        if not ctx.is_main:
+            progress.loss_sum, progress.tokens = 0.0, 0
+        return progress
+
+
+@dataclass
 class EpochResult:
     loss: float  # mean cross-entropy per predicted token (nats)
     tokens: int
@@ -93,6 +138,8 @@ class EpochResult:
     grad_norm: float  # mean pre-clip global norm over the epoch's batches
     clipped_frac: float  # fraction of batches whose gradient was scaled down
     batches: int
+    progress: EpochProgress | None = None  # the totals behind these numbers
+    complete: bool = True  # False when a stop request ended the epoch early
 
     @property
     def ppl(self) -> float:
@@ -110,7 +157,8 @@ def synchronize(device: torch.device) -> None:
 
 def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | None,
                 carry_state: bool, device: torch.device,
-                step=forward_backward) -> EpochResult:
+                step=forward_backward, start: EpochProgress | None = None,
+                stop: distributed.StopAgreement | None = None) -> EpochResult:
     """One pass over the data, D2L's train_epoch_ch8.
 
     carry_state=True (sequential iteration): the state is created at the first batch,
@@ -119,19 +167,25 @@ def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | Non
     `step` computes the loss and the gradients of one batch (shards.py).
     Under DDP `model` is the wrapped model and `batches` this rank's share; the returned
     loss, tokens and time are totals over all ranks (the same on every rank).
+    `start` continues an epoch that a checkpoint stopped part way (`batches` must then
+    begin at batch `start.batches`). When `stop` says so after a batch (on every rank at
+    the same batch), the epoch ends early with complete=False.
     """
     model.train()
     core = distributed.unwrap(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    norm_sum = torch.zeros((), device=device, dtype=torch.float64)
-    clipped = torch.zeros((), device=device, dtype=torch.float64)
-    tokens = num_batches = 0
-    state = None
+    start = start or EpochProgress()
+    loss_sum = torch.tensor(start.loss_sum, device=device, dtype=torch.float64)
+    norm_sum = torch.tensor(start.norm_sum, device=device, dtype=torch.float64)
+    clipped = torch.tensor(start.clipped, device=device, dtype=torch.float64)
+    tokens, num_batches, state = start.tokens, start.batches, start.state
+    stopped = False
     distributed.barrier()
     synchronize(device)
-    start = time.perf_counter()
+    begin = time.perf_counter()
     for X, Y in batches:
+        if stop is not None:
+            stop.begin_step()  # overlaps the ranks' agreement with this batch's compute
         X, Y = X.to(device, non_blocking=True), Y.to(device, non_blocking=True)
         if state is None or not carry_state:
             state = core.begin_state(X.shape[0])  # local lanes
@@ -148,8 +202,11 @@ def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | Non
             clipped += (norm > clip_norm).to(clipped.dtype)
         tokens += n
         num_batches += 1
+        if stop is not None and stop.should_stop():
+            stopped = True
+            break
     synchronize(device)
-    seconds = distributed.max_across_ranks(time.perf_counter() - start, device)
+    seconds = start.seconds + distributed.max_across_ranks(time.perf_counter() - begin, device)
     if num_batches == 0:
         raise RuntimeError("the iterator yielded no batch")  # prevented by check_corpus_length
     # The gradient norm and clipping need no reduction: DDP averaged the gradients, so
@@ -157,9 +214,12 @@ def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | Non
     loss_total, tokens = distributed.sum_across_ranks(
         torch.stack([loss_sum, loss_sum.new_tensor(tokens)])).tolist()
     tokens = int(tokens)
+    progress = EpochProgress(num_batches, tokens, seconds, loss_total, norm_sum.item(),
+                             clipped.item(), state if carry_state else None)
     return EpochResult(loss=loss_total / tokens, tokens=tokens, seconds=seconds,
-                       grad_norm=norm_sum.item() / num_batches,
-                       clipped_frac=clipped.item() / num_batches, batches=num_batches)
+                       grad_norm=progress.norm_sum / num_batches,
+                       clipped_frac=progress.clipped / num_batches, batches=num_batches,
+                       progress=progress, complete=not stopped)
 
 
 def prefix_ids(corpus: Corpus, prefix: str) -> list[int]:
@@ -179,25 +239,54 @@ class MetricsLog:
         if not append:
             path.write_text("")
 
+    def keep_epochs(self, last_epoch: int) -> None:
+        """Drop records after `last_epoch` (epochs a resumed run is about to redo, written
+        after the checkpoint it resumes from), so every epoch appears once."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["epoch"] <= last_epoch:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a killed process
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
 
-def train(cfg: Config, quiet: bool = False, out=sys.stdout) -> dict:
+def train(cfg: Config, quiet: bool = False, out=sys.stdout, resume: dict | None = None,
+          resume_path: str | Path | None = None, overwrite: bool = False,
+          stop: StopRequest | None = None) -> dict:
     """Run a whole training job from a config; returns the last epoch's record.
+
+    `resume` (a loaded checkpoint, read from `resume_path`) continues that run exactly where
+    it stopped. A new run refuses an out_dir that holds a checkpoint unless `overwrite`.
+    SIGINT/SIGTERM stop the run after the current batch, write last.pt and raise
+    TrainingInterrupted; pass `stop` to control stopping yourself (no handlers installed).
 
     Under torchrun this process is one rank of a data-parallel job (rnnlm.distributed);
     alone it is the whole job."""
     ctx = distributed.context_from_env()
     distributed.check_config(cfg, ctx)
     device = distributed.device_for_rank(resolve_device(cfg.device), ctx)
-    with distributed.process_group(ctx, device):
-        return run_training(cfg, ctx, device, quiet or not ctx.is_main, out)
+    own_stop = stop is None
+    stop = StopRequest() if own_stop else stop
+    with distributed.process_group(ctx, device), \
+            (stop_on_signals(stop) if own_stop else nullcontext(stop)):
+        return run_training(cfg, ctx, device, quiet or not ctx.is_main, out, resume,
+                            resume_path, overwrite, stop)
 
 
 def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device,
-                 quiet: bool, out) -> dict:
+                 quiet: bool, out, resume: dict | None = None,
+                 resume_path: str | Path | None = None, overwrite: bool = False,
+                 stop: StopRequest | None = None) -> dict:
     batch_step = forward_backward
     if cfg.train.batch_shards > 1:
         if device.type != "cpu":
@@ -214,59 +303,128 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
     distributed.seed_rank_streams(cfg.seed, ctx)
     optimizer = make_optimizer(cfg, model)
     prompt = prefix_ids(corpus, cfg.train.prefix)
+
+    out_dir = Path(cfg.out_dir)
+    start_epoch, step, wall_offset, best, record, partial = 0, 0, 0.0, None, {}, None
+    in_place = resume is not None and out_dir.resolve() == Path(resume_path).resolve().parent
+    if in_place and overwrite:
+        raise ConfigError("--overwrite would delete the checkpoint being resumed: drop it, or "
+                          "resume into another folder with --set out_dir=...")
+    if not in_place:
+        claim_out_dir(out_dir, overwrite, delete=ctx.is_main)
+    if resume is not None:
+        position = restore_training(resume, cfg, model, optimizer, corpus.vocab,
+                                    str(resume_path))
+        start_epoch, step, wall_offset = position["epoch"], position["step"], position["wall_s"]
+        best, record = resume["best"], resume.get("record") or {}
+        if position.get("partial") and position["partial"]["batches"]:
+            partial = EpochProgress.from_dict(position["partial"], device, ctx)
+            step -= partial.batches  # `step` counts the steps before the current epoch
+
+    # After the weights are loaded: the graphed copy and DDP start from the same values.
     train_model = model
     if device.type == "cuda" and cfg.train.cuda_graphs:
         from rnnlm.cuda_graphs import GraphedModel
         train_model = GraphedModel(model, batches.local_batch, cfg.data.num_steps)
     train_model = distributed.wrap_model(train_model, device)  # DDP when distributed
 
-    out_dir = Path(cfg.out_dir)
     metrics = None  # only rank 0 writes files
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
-        metrics = MetricsLog(out_dir / "metrics.jsonl")
+        metrics = MetricsLog(out_dir / "metrics.jsonl", append=resume is not None)
+        metrics.keep_epochs(start_epoch)
 
     def say(line: str) -> None:
         if not quiet:
             tqdm.write(line, file=out)
+
+    def save(names: list[str], epoch: int, progress: EpochProgress | None) -> None:
+        """Write checkpoints (rank 0); under DDP every rank must call it (it gathers lanes)."""
+        if progress is not None and progress.state is not None and ctx.enabled:
+            progress = EpochProgress(**{**vars(progress),
+                                        "state": distributed.gather_lanes(progress.state)})
+        if not ctx.is_main:
+            return
+        ckpt = make_checkpoint(cfg, model, optimizer, corpus.vocab, corpus.preprocess, {
+            "epoch": epoch, "step": step + (progress.batches if progress else 0),
+            "wall_s": wall_offset + time.perf_counter() - wall_start,
+            "batch": progress.batches if progress else 0,
+            "partial": progress.to_dict() if progress else None,
+        }, best, record)
+        for name in names:
+            atomic_save(ckpt, out_dir / name)
+
+    def interrupted(epoch: int, batch: int) -> TrainingInterrupted:
+        return TrainingInterrupted(stop, out_dir / "last.pt" if ctx.is_main else None,
+                                   epoch, batch)
 
     n_params = sum(p.numel() for p in model.parameters())
     say(f"{cfg.model.kind}: {n_params:,} parameters, vocabulary {len(corpus.vocab)}, "
         f"{len(corpus):,} tokens from {corpus.source} ({corpus.preprocess}), "
         f"{cfg.data.iterator} iteration, device {device}"
         + (f", {ctx.world_size} processes (DDP)" if ctx.enabled else ""))
+    if resume is not None:
+        where = f"epoch {start_epoch + 1}, batch {partial.batches}" if partial else \
+            f"the end of epoch {start_epoch}"
+        say(f"resumed {resume_path} at {where} (step {step + (partial.batches if partial else 0)}"
+            f"), training to epoch {cfg.train.epochs}")
 
     show_bar = not quiet and out.isatty()
-    bar = tqdm(range(cfg.train.epochs), disable=not show_bar, unit="epoch", file=out,
-               dynamic_ncols=True)
+    bar = tqdm(range(start_epoch, cfg.train.epochs), disable=not show_bar, unit="epoch",
+               file=out, dynamic_ncols=True, initial=start_epoch, total=cfg.train.epochs)
+    every = cfg.train.checkpoint_every
+    agreement = distributed.StopAgreement(lambda: bool(stop))  # all ranks stop together
+    if resume is not None:
+        restore_rng(resume["rng"])  # last, after everything that draws from the generators
+        if ctx.enabled:  # the checkpoint holds rank 0's torch stream: give each rank its own
+            distributed.seed_rank_streams(cfg.seed + step, ctx)
     wall_start = time.perf_counter()
-    step = 0
-    record: dict = {}
-    for epoch in bar:
-        result = train_epoch(train_model, batches.epoch(epoch), optimizer, cfg.train.clip_norm,
-                             batches.carries_state, device, batch_step)
-        step += result.batches
-        record = {
-            "epoch": epoch + 1, "step": step,
-            "train_loss": result.loss, "train_ppl": result.ppl,
-            "train_bpc": result.loss / math.log(2),
-            "tokens_per_s": result.tokens_per_s, "grad_norm": result.grad_norm,
-            "clipped_frac": result.clipped_frac, "lr": optimizer.param_groups[0]["lr"],
-            "epoch_s": result.seconds, "wall_s": time.perf_counter() - wall_start,
-            "tokens": result.tokens,
-        }
-        if metrics is not None:
-            metrics.write(record)
-        bar.set_postfix(ppl=f"{result.ppl:.2f}", tok_s=f"{result.tokens_per_s:,.0f}")
-        every = cfg.train.predict_every
-        if every and (epoch + 1) % every == 0 and epoch + 1 < cfg.train.epochs and not quiet:
-            say(f"epoch {epoch + 1:>4}  ppl {result.ppl:8.3f}  grad {result.grad_norm:6.3f}  "
-                f"{result.tokens_per_s:>9,.0f} tok/s  | "
-                f"{predict_greedy(model, corpus.vocab, prompt, cfg.train.predict_chars)}")
-    bar.close()
-    if isinstance(batch_step, ShardedForwardBackward):
-        batch_step.close()
+    try:
+        for epoch in bar:
+            result = train_epoch(train_model, batches.epoch(epoch, start_batch=partial.batches
+                                                            if partial else 0),
+                                 optimizer, cfg.train.clip_norm, batches.carries_state, device,
+                                 batch_step, start=partial, stop=agreement)
+            partial = None
+            if not result.complete:
+                save(["last.pt"], epoch, result.progress)
+                raise interrupted(epoch, result.batches)
+            step += result.batches
+            record = {
+                "epoch": epoch + 1, "step": step,
+                "train_loss": result.loss, "train_ppl": result.ppl,
+                "train_bpc": result.loss / math.log(2),
+                "tokens_per_s": result.tokens_per_s, "grad_norm": result.grad_norm,
+                "clipped_frac": result.clipped_frac, "lr": optimizer.param_groups[0]["lr"],
+                "epoch_s": result.seconds,
+                "wall_s": wall_offset + time.perf_counter() - wall_start,
+                "tokens": result.tokens,
+            }
+            if metrics is not None:
+                metrics.write(record)
+            bar.set_postfix(ppl=f"{result.ppl:.2f}", tok_s=f"{result.tokens_per_s:,.0f}")
+            improved = improves(best, record)
+            if improved:
+                metric, value = tracked_metric(record)
+                best = {"metric": metric, "value": value, "epoch": epoch + 1}
+            last_due = epoch + 1 == cfg.train.epochs or bool(every and (epoch + 1) % every == 0)
+            if improved or last_due:
+                save(["best.pt"] * improved + ["last.pt"] * last_due, epoch + 1, None)
+            agreement.begin_step()  # asked only now: a signal may have come during the saves
+            if agreement.should_stop():
+                if not last_due:
+                    save(["last.pt"], epoch + 1, None)
+                raise interrupted(epoch + 1, 0)
+            pe = cfg.train.predict_every
+            if pe and (epoch + 1) % pe == 0 and epoch + 1 < cfg.train.epochs and not quiet:
+                say(f"epoch {epoch + 1:>4}  ppl {result.ppl:8.3f}  grad {result.grad_norm:6.3f}  "
+                    f"{result.tokens_per_s:>9,.0f} tok/s  | "
+                    f"{predict_greedy(model, corpus.vocab, prompt, cfg.train.predict_chars)}")
+    finally:  # also when interrupted: the shard threads must not outlive the run
+        bar.close()
+        if isinstance(batch_step, ShardedForwardBackward):
+            batch_step.close()
     if not ctx.is_main:
         return record
 
