@@ -42,9 +42,9 @@ def main() -> int:
             train(cfg, quiet=args.quiet, overwrite=args.overwrite)
     except TrainingInterrupted as stop:
         if stop.checkpoint is not None:  # None on the other ranks of a DDP job
-            where = f"epoch {stop.epoch + 1}, batch {stop.batch}" if stop.batch else \
-                f"the end of epoch {stop.epoch}"
-            print(f"{stop.signal_name}: stopped at {where}; saved {stop.checkpoint}\n"
+            where = f"in epoch {stop.epoch + 1} after batch {stop.batch}" if stop.batch else \
+                f"at the end of epoch {stop.epoch}"
+            print(f"{stop.signal_name}: stopped {where}; saved {stop.checkpoint}\n"
                   f"resume with: python train.py --resume {shlex.quote(str(stop.checkpoint))}",
                   file=sys.stderr)
         return stop.exit_code

@@ -41,9 +41,11 @@ FORMAT = "rnnlm-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("config", "vocab", "model", "optimizer", "progress", "rng", "best")
 
-# Overrides that would change the network or the meaning of its inputs: the saved weights
-# would no longer fit, so resume refuses them up front instead of failing on shapes.
-FROZEN_ON_RESUME = ("model.", "data.preprocess", "train.optimizer")
+# Overrides that would change the network's shapes, the meaning of its inputs or the kind of
+# optimizer state: the saved state would no longer fit, so resume refuses them up front
+# instead of failing on shapes (model.dropout or model.backward may change).
+FROZEN_ON_RESUME = ("model.kind", "model.hidden_size", "model.num_layers", "model.embedding_dim",
+                    "data.preprocess", "train.optimizer")
 # Overrides that move the data stream: harmless at an epoch boundary, but a checkpoint taken
 # inside an epoch resumes at a batch index and a hidden state that only fit the old stream.
 STREAM_KEYS = ("seed", "data.path", "data.data_dir", "data.max_tokens", "data.iterator",
@@ -207,7 +209,7 @@ def resume_config(ckpt: dict, overrides: list[str] | tuple[str, ...], path: str 
         before, after = _dotted(old, key), _dotted(new, key)
         if before == after:
             continue
-        if key.startswith(FROZEN_ON_RESUME):
+        if key in FROZEN_ON_RESUME:
             raise CheckpointError(f"--set {key}={after!r}: {path} was trained with {key}="
                                   f"{before!r}, and resuming cannot change the model, its "
                                   f"vocabulary or the optimizer; start a new run with "

@@ -365,9 +365,9 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
         f"{cfg.data.iterator} iteration, device {device}"
         + (f", {ctx.world_size} processes (DDP)" if ctx.enabled else ""))
     if resume is not None:
-        where = f"epoch {start_epoch + 1}, batch {partial.batches}" if partial else \
-            f"the end of epoch {start_epoch}"
-        say(f"resumed {resume_path} at {where} (step {step + (partial.batches if partial else 0)}"
+        where = f"in epoch {start_epoch + 1} after batch {partial.batches}" if partial else \
+            f"at the end of epoch {start_epoch}"
+        say(f"resumed {resume_path} {where} (step {step + (partial.batches if partial else 0)}"
             f"), training to epoch {cfg.train.epochs}")
 
     show_bar = not quiet and out.isatty()

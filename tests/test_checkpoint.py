@@ -210,6 +210,7 @@ def test_resume_refuses_changes_to_the_model(trained):
     mid_epoch = {**ckpt, "progress": {**ckpt["progress"], "batch": 3}}
     with pytest.raises(CheckpointError, match="stopped inside epoch 3.*data.batch_size=4"):
         resume_config(mid_epoch, ["train.epochs=5", "data.batch_size=2"], path)
+    assert resume_config(ckpt, ["train.epochs=5", "model.dropout=0.1"], path).model.dropout == 0.1
     cfg = resume_config(ckpt, ["train.epochs=5", "train.lr=0.5"], path)
     assert (cfg.train.epochs, cfg.train.lr, cfg.out_dir) == (5, 0.5, str(trained))
     with pytest.raises(ConfigError, match="unknown key train.epoks"):
