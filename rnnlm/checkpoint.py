@@ -49,7 +49,10 @@ FROZEN_ON_RESUME = ("model.kind", "model.hidden_size", "model.num_layers", "mode
 # Overrides that move the data stream: harmless at an epoch boundary, but a checkpoint taken
 # inside an epoch resumes at a batch index and a hidden state that only fit the old stream.
 STREAM_KEYS = ("seed", "data.path", "data.data_dir", "data.max_tokens", "data.iterator",
-               "data.batch_size", "data.num_steps")
+               "data.batch_size", "data.num_steps",
+               # variable_length draws the window cuts, so these move the batch positions too
+               "train.truncation", "train.variable_length_p", "train.variable_length_std",
+               "train.variable_length_min")
 
 
 class CheckpointError(ConfigError):

@@ -44,6 +44,7 @@ class ModelConfig:
     # backward (bptt.py, gated_bptt.py; same numbers, far fewer ops), "autograd" step by step.
     # "auto" is manual for the scratch kinds; torch.nn kinds always use their own backward.
     backward: Literal["auto", "manual", "autograd"] = "auto"
+    activation: Literal["tanh", "identity"] = "tanh"  # identity: the seed's linear RNN
 
 
 @dataclass
@@ -63,6 +64,15 @@ class TrainConfig:
     # On CUDA, replay each batch's forward and backward from captured CUDA graphs.
     cuda_graphs: bool = True
     checkpoint_every: int = 10  # epochs between writes of out_dir/last.pt; 0 = only at the end
+    # Truncated BPTT (rnnlm/truncation.py, docs/bptt.md): regular = detach at every batch
+    # boundary (D2L); randomized = Tallec & Ollivier's xi_t; variable_length = AWD-LSTM windows.
+    truncation: Literal["regular", "randomized", "variable_length"] = "regular"
+    truncation_pi: float = 0.5  # randomized: P(xi_t = 1/pi); the chain is cut with 1 - pi
+    variable_length_p: float = 0.95  # variable_length: P(base length = num_steps), else half
+    variable_length_std: float = 5.0  # variable_length: sd of the normal around the base
+    variable_length_min: int = 5  # variable_length: shortest window drawn
+    diagnostics: bool = False  # gradient-flow measurements into metrics.jsonl + plots
+    diagnostics_every: int = 1  # epochs between diagnostic measurements
 
 
 @dataclass
@@ -242,6 +252,11 @@ def validate(cfg: Config) -> None:
              f"data.max_tokens must be >= 2 or null (whole corpus), got {d.max_tokens}")
     _require(m.kind in MODEL_KINDS,
              f"model.kind must be one of {', '.join(MODEL_KINDS)}; got {m.kind!r}")
+    model_class = MODEL_KINDS[m.kind]
+    _require(m.activation in model_class.activations,
+             f"model.activation: {m.activation} is only offered for rnn_scratch (the seed's "
+             f"linear RNN); {m.kind} supports {', '.join(model_class.activations)}: "
+             f"set model.activation=tanh")
     _require(m.hidden_size >= 1, f"model.hidden_size must be >= 1, got {m.hidden_size}")
     _require(m.num_layers >= 1, f"model.num_layers must be >= 1, got {m.num_layers}")
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
@@ -269,6 +284,11 @@ def validate(cfg: Config) -> None:
     _require(t.checkpoint_every >= 0,
              f"train.checkpoint_every must be >= 0 (0 = only at the end), got "
              f"{t.checkpoint_every}")
+    _require(t.diagnostics_every >= 1,
+             f"train.diagnostics_every must be >= 1, got {t.diagnostics_every}")
+    from rnnlm.truncation import check_truncation_config  # late import, as above
+
+    check_truncation_config(cfg)
 
 
 def dump_yaml(cfg: Config) -> str:

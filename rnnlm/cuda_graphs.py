@@ -47,7 +47,9 @@ class GraphedModel(nn.Module):
     def begin_state(self, batch_size: int) -> State:
         return self.model.begin_state(batch_size)
 
-    def forward(self, tokens, state: State):
+    def forward(self, tokens, state: State, xi=None):
+        if xi is not None:  # randomized truncation: xi changes the backward of every batch
+            return self.model(tokens, state, xi=xi)
         if tuple(tokens.shape) != self.shape or not self.training:
             return self.model(tokens, state)
         logits, *new_state = self.graphed(tokens, *(s.detach() for s in state))

@@ -27,9 +27,11 @@ def sequence_loss(logits: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.t().reshape(-1))
 
 
-def forward_backward(model: LanguageModel, X, Y, state: State) -> tuple[torch.Tensor, State]:
-    """One batch on one thread: loss (0-d, still attached) and the next state; grads in .grad."""
-    logits, state = model(X, state)
+def forward_backward(model: LanguageModel, X, Y, state: State,
+                     xi: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+    """One batch on one thread: loss (0-d, still attached) and the next state; grads in .grad.
+    xi: randomized truncation's multipliers (rnnlm.truncation), passed only when drawn."""
+    logits, state = model(X, state) if xi is None else model(X, state, xi=xi)
     loss = sequence_loss(logits, Y)
     loss.backward()
     return loss, state
@@ -42,14 +44,16 @@ class ShardedForwardBackward:
         self.num_shards = num_shards
         self.pool = ThreadPoolExecutor(num_shards, thread_name_prefix="rnnlm-shard")
 
-    def __call__(self, model: LanguageModel, X, Y, state: State):
+    def __call__(self, model: LanguageModel, X, Y, state: State, xi=None):
         params = [p for p in model.parameters() if p.requires_grad]
         lanes = torch.arange(X.shape[0]).tensor_split(self.num_shards)
         total = Y.numel()
 
         def shard(rows: torch.Tensor):
             lo, hi = int(rows[0]), int(rows[-1]) + 1
-            logits, new_state = model(X[lo:hi], tuple(s[:, lo:hi] for s in state))
+            # xi is per step, shared by all lanes: every shard gets the same one
+            logits, new_state = model(X[lo:hi], tuple(s[:, lo:hi] for s in state),
+                                      **({} if xi is None else {"xi": xi}))
             loss = sequence_loss(logits, Y[lo:hi])
             weight = Y[lo:hi].numel() / total
             grads = torch.autograd.grad(loss * weight, params, allow_unused=True)

@@ -33,11 +33,13 @@ from rnnlm.checkpoint import (
 )
 from rnnlm.config import Config, ConfigError, dump_yaml
 from rnnlm.data import PREPROCESSORS, Corpus, load_corpus
+from rnnlm.diagnostics_report import DiagnosticsRecorder
 from rnnlm.interrupts import StopRequest, TrainingInterrupted, stop_on_signals
 from rnnlm.iterators import BatchIterator
 from rnnlm.models import LanguageModel, build_model, detach_state
 from rnnlm.sampling import predict_greedy
 from rnnlm.shards import ShardedForwardBackward, forward_backward
+from rnnlm.truncation import Truncation, variable_length_of
 
 
 def resolve_device(name: str) -> torch.device:
@@ -158,7 +160,8 @@ def synchronize(device: torch.device) -> None:
 def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | None,
                 carry_state: bool, device: torch.device,
                 step=forward_backward, start: EpochProgress | None = None,
-                stop: distributed.StopAgreement | None = None) -> EpochResult:
+                stop: distributed.StopAgreement | None = None,
+                truncation: Truncation | None = None, epoch: int = 0) -> EpochResult:
     """One pass over the data, D2L's train_epoch_ch8.
 
     carry_state=True (sequential iteration): the state is created at the first batch,
@@ -170,6 +173,9 @@ def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | Non
     `start` continues an epoch that a checkpoint stopped part way (`batches` must then
     begin at batch `start.batches`). When `stop` says so after a batch (on every rank at
     the same batch), the epoch ends early with complete=False.
+    truncation (rnnlm.truncation): randomized xi per batch, or the learning rate scaled by
+    the window length (variable_length); None is regular truncation. xi is seeded by
+    (seed, epoch, batch index), so every rank and a resumed epoch draw the same.
     """
     model.train()
     core = distributed.unwrap(model)
@@ -183,7 +189,9 @@ def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | Non
     distributed.barrier()
     synchronize(device)
     begin = time.perf_counter()
-    for X, Y in batches:
+    truncation = truncation or Truncation("regular", 1, 0)
+    dtype = params[0].dtype
+    for b, (X, Y) in enumerate(batches, start=start.batches):
         if stop is not None:
             stop.begin_step()  # overlaps the ranks' agreement with this batch's compute
         X, Y = X.to(device, non_blocking=True), Y.to(device, non_blocking=True)
@@ -191,10 +199,12 @@ def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | Non
             state = core.begin_state(X.shape[0])  # local lanes
         else:
             state = detach_state(state)
+        xi = truncation.xi(epoch, b, X.shape[1], device, dtype)
         optimizer.zero_grad(set_to_none=True)
-        loss, state = step(model, X, Y, state)
+        loss, state = step(model, X, Y, state, xi)
         norm = clip_gradients(params, clip_norm)
-        optimizer.step()
+        with truncation.scaled_lr(optimizer, X.shape[1]):
+            optimizer.step()
         n = Y.numel()
         loss_sum += loss.detach() * n
         norm_sum += norm.detach()
@@ -298,7 +308,9 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
     corpus = load_corpus(cfg.data)
     batches = BatchIterator(corpus.ids, cfg.data.batch_size, cfg.data.num_steps,
                             cfg.data.iterator, seed=cfg.seed, rank=ctx.rank,
-                            world_size=ctx.world_size)
+                            world_size=ctx.world_size,
+                            variable_length=variable_length_of(cfg.train))
+    truncation = Truncation.from_config(cfg)
     model = build_model(cfg.model, len(corpus.vocab)).to(device)
     distributed.seed_rank_streams(cfg.seed, ctx)
     optimizer = make_optimizer(cfg, model)
@@ -328,11 +340,13 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
         train_model = GraphedModel(model, batches.local_batch, cfg.data.num_steps)
     train_model = distributed.wrap_model(train_model, device)  # DDP when distributed
 
-    metrics = None  # only rank 0 writes files
+    metrics = recorder = None  # only rank 0 writes files
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
         metrics = MetricsLog(out_dir / "metrics.jsonl", append=resume is not None)
+        if cfg.train.diagnostics:  # after a resume: eigenvalues "at the start" = the checkpoint's
+            recorder = DiagnosticsRecorder(cfg, model, corpus.ids, batches, truncation, out_dir)
         metrics.keep_epochs(start_epoch)
 
     def say(line: str) -> None:
@@ -385,7 +399,8 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
             result = train_epoch(train_model, batches.epoch(epoch, start_batch=partial.batches
                                                             if partial else 0),
                                  optimizer, cfg.train.clip_norm, batches.carries_state, device,
-                                 batch_step, start=partial, stop=agreement)
+                                 batch_step, start=partial, stop=agreement,
+                                 truncation=truncation, epoch=epoch)
             partial = None
             if not result.complete:
                 save(["last.pt"], epoch, result.progress)
@@ -401,6 +416,8 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
                 "wall_s": wall_offset + time.perf_counter() - wall_start,
                 "tokens": result.tokens,
             }
+            if recorder is not None:
+                record.update(recorder.epoch_record(model, epoch))
             if metrics is not None:
                 metrics.write(record)
             bar.set_postfix(ppl=f"{result.ppl:.2f}", tok_s=f"{result.tokens_per_s:,.0f}")
@@ -425,6 +442,8 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
         bar.close()
         if isinstance(batch_step, ShardedForwardBackward):
             batch_step.close()
+    if recorder is not None and record:
+        say(f"diagnostics: {recorder.finish(model, record['epoch'] - 1)}")
     if not ctx.is_main:
         return record
 

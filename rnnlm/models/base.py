@@ -19,12 +19,22 @@ class LanguageModel(nn.Module):
 
     #: number of tensors in the state: 1 for RNN/GRU, 2 for LSTM
     state_size: int = 1
-    #: True when the core runs step by step in Python (per-step gradient hooks are possible)
+    #: True when the core runs step by step in Python (per-step gradient hooks are possible,
+    #: and so is randomized truncation: forward(..., xi=...))
     step_by_step: bool = False
+    #: model.activation values this kind offers (config.validate checks them)
+    activations: tuple[str, ...] = ("tanh",)
+    #: names of the gate blocks stacked in the rows of W_hh (empty: one block, a plain RNN)
+    gate_names: tuple[str, ...] = ()
 
     def __init__(self, vocab_size: int, hidden_size: int, num_layers: int = 1,
-                 dropout: float = 0.0, embedding_dim: int | None = None):
+                 dropout: float = 0.0, embedding_dim: int | None = None,
+                 activation: str = "tanh"):
         super().__init__()
+        if activation not in self.activations:
+            raise ValueError(f"{type(self).__name__} offers activation {self.activations}, "
+                             f"got {activation!r}")
+        self.activation = activation
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.num_layers, self.dropout = num_layers, dropout
         self.embedding_dim = embedding_dim
@@ -47,12 +57,22 @@ class LanguageModel(nn.Module):
     def one_hot(self, x: torch.Tensor) -> torch.Tensor:
         return F.one_hot(x, self.vocab_size).to(self.output.weight.dtype)
 
-    def core(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """(T, B, ...) input and state -> top-layer outputs (T, B, H) and the next state."""
+    def core(self, x: torch.Tensor, state: State,
+             xi: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+        """(T, B, ...) input and state -> top-layer outputs (T, B, H) and the next state.
+
+        xi (T,), randomized truncation: step t's dh_t/dh_{t-1} is scaled by xi[t] in the
+        backward pass (every layer's, so a gradient path crossing step t is cut or scaled
+        once). Only step-by-step cores accept it."""
         raise NotImplementedError
 
-    def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        hidden, state = self.core(self.encode(tokens), state)
+    def recurrent_weight(self, layer: int) -> torch.Tensor:
+        """W_hh of one layer, (len(gate_names) or 1) * H rows by H columns, torch.nn layout."""
+        raise NotImplementedError
+
+    def forward(self, tokens: torch.Tensor, state: State,
+                xi: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+        hidden, state = self.core(self.encode(tokens), state, xi)
         return self.output(hidden), state  # (T, B, V)
 
 

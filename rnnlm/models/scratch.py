@@ -13,11 +13,13 @@ share one recurrent matmul per step and has an exact torch.nn twin.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnlm.bptt import manual_rnn_window
+from rnnlm.bptt import manual_rnn_window, scale_grad
 from rnnlm.gated_bptt import gru_window, lstm_window
 from rnnlm.models.base import LanguageModel, State
 
@@ -25,6 +27,12 @@ from rnnlm.models.base import LanguageModel, State
 def rnn_cell(xw_t, state, w_hh, b_hh):
     (h,) = state
     return (torch.tanh(torch.addmm(xw_t + b_hh, h, w_hh.t())),)
+
+
+def linear_rnn_cell(xw_t, state, w_hh, b_hh):
+    """The seed's simplified RNN (DESIGN §3): no nonlinearity."""
+    (h,) = state
+    return (torch.addmm(xw_t + b_hh, h, w_hh.t()),)
 
 
 def gru_cell(xw_t, state, w_hh, b_hh):
@@ -49,20 +57,20 @@ def lstm_cell(xw_t, state, w_hh, b_hh):
 
 # Hand-written windows. RNN and LSTM add b_hh to the input projection once per window (it
 # is additive there); the GRU keeps it apart because its reset gate multiplies W_hn h + b_hn.
-def rnn_window(layer, x, state):
+def rnn_window(layer, x, state, xi=None, activation="tanh"):
     xw = layer.project_input(x, layer.bias_ih + layer.bias_hh)
-    hs = manual_rnn_window(xw, state[0], layer.weight_hh)
+    hs = manual_rnn_window(xw, state[0], layer.weight_hh, activation, xi)
     return hs, (hs[-1],)
 
 
-def gru_manual_window(layer, x, state):
-    hs = gru_window(layer.project_input(x), state[0], layer.weight_hh, layer.bias_hh)
+def gru_manual_window(layer, x, state, xi=None):
+    hs = gru_window(layer.project_input(x), state[0], layer.weight_hh, layer.bias_hh, xi)
     return hs, (hs[-1],)
 
 
-def lstm_manual_window(layer, x, state):
+def lstm_manual_window(layer, x, state, xi=None):
     xw = layer.project_input(x, layer.bias_ih + layer.bias_hh)
-    hs, c = lstm_window(xw, state[0], state[1], layer.weight_hh)
+    hs, c = lstm_window(xw, state[0], state[1], layer.weight_hh, xi)
     return hs, (hs[-1], c)
 
 
@@ -70,7 +78,8 @@ class ScratchLayer(nn.Module):
     """One recurrent layer: parameters and the loop over time.
 
     `window` (optional) runs the whole window with a hand-written backward; without it the
-    layer steps through time with `cell` and autograd records every op.
+    layer steps through time with `cell` and autograd records every op. Both take xi
+    (randomized truncation: step t's d(state_t)/d(state_{t-1}) scaled by xi[t]).
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_gates: int, cell, window=None):
@@ -93,12 +102,15 @@ class ScratchLayer(nn.Module):
             return F.embedding(x, self.weight_ih.t() + bias)
         return torch.matmul(x, self.weight_ih.t()) + bias
 
-    def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def forward(self, x: torch.Tensor, state: State,
+                xi: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
         if self.window is not None:
-            return self.window(self, x, state)
+            return self.window(self, x, state, xi)
         xw = self.project_input(x)
         outputs = []
         for t in range(xw.shape[0]):
+            if xi is not None:  # randomized truncation: scale the whole carried state's path
+                state = tuple(scale_grad(s, xi[t]) for s in state)
             state = self.cell(xw[t], state, self.weight_hh, self.bias_hh)
             outputs.append(state[0])
         return torch.stack(outputs), state  # (T, B, H)
@@ -111,37 +123,51 @@ class ScratchLM(LanguageModel):
     step_by_step = True
 
     def __init__(self, vocab_size, hidden_size, num_layers=1, dropout=0.0, embedding_dim=None,
-                 backward: str = "manual"):
-        super().__init__(vocab_size, hidden_size, num_layers, dropout, embedding_dim)
-        window = self.manual_window if backward == "manual" else None
+                 backward: str = "manual", **options):
+        super().__init__(vocab_size, hidden_size, num_layers, dropout, embedding_dim, **options)
+        cell, window = self.cell_and_window(backward)
         self.layers = nn.ModuleList(
             ScratchLayer(self.input_size if k == 0 else hidden_size, hidden_size,
-                         self.num_gates, self.cell, window)
+                         self.num_gates, cell, window)
             for k in range(num_layers))
         self.between = nn.Dropout(dropout)
         nn.init.normal_(self.output.weight, std=0.01)
         nn.init.zeros_(self.output.bias)
 
-    def core(self, x, state: State):
+    def cell_and_window(self, backward: str):
+        """The per-step cell and, with model.backward=manual, the hand-written window."""
+        return self.cell, (self.manual_window if backward == "manual" else None)
+
+    def core(self, x, state: State, xi=None):
         finals = []
         for k, layer in enumerate(self.layers):
             if k > 0:
                 x = self.between(x)
-            x, final = layer(x, tuple(s[k] for s in state))
+            x, final = layer(x, tuple(s[k] for s in state), xi)
             finals.append(final)
         return x, tuple(torch.stack(parts) for parts in zip(*finals))
+
+    def recurrent_weight(self, layer: int):
+        return self.layers[layer].weight_hh
 
 
 class ScratchRNN(ScratchLM):
     cell = staticmethod(rnn_cell)
     manual_window = staticmethod(rnn_window)
     num_gates = 1
+    activations = ("tanh", "identity")
+
+    def cell_and_window(self, backward: str):
+        cell = rnn_cell if self.activation == "tanh" else linear_rnn_cell
+        window = partial(rnn_window, activation=self.activation)
+        return cell, (window if backward == "manual" else None)
 
 
 class ScratchGRU(ScratchLM):
     cell = staticmethod(gru_cell)
     manual_window = staticmethod(gru_manual_window)
     num_gates = 3
+    gate_names = ("r", "z", "n")
 
 
 class ScratchLSTM(ScratchLM):
@@ -149,3 +175,4 @@ class ScratchLSTM(ScratchLM):
     manual_window = staticmethod(lstm_manual_window)
     num_gates = 4
     state_size = 2
+    gate_names = ("i", "f", "g", "o")

@@ -1,0 +1,210 @@
+"""Plots of the gradient-flow diagnostics (rnnlm.diagnostics), drawn with matplotlib's Agg
+backend (no display needed).
+
+A run trained with ``train.diagnostics: true`` (or measured by ``diagnose.py``) holds
+``metrics.jsonl`` (the per-epoch ``diag_*`` keys) and ``diagnostics.json`` (the eigenvalues
+before and after training and the truncation pattern). From those:
+
+* ``plot_run``: one run's dashboard (``diagnostics.png``);
+* ``plot_gradient_norms``: ||dL/dh_t|| against distance, several runs side by side;
+* ``plot_eigenvalues``: the eigenvalues of W_hh in the complex plane with the unit circle;
+* ``plot_truncation_patterns``: which steps received gradient from which losses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SUMMARY_FILE = "diagnostics.json"
+PLOT_FILE = "diagnostics.png"
+
+
+@dataclass
+class RunDiagnostics:
+    name: str
+    records: list[dict]  # metrics.jsonl records that carry diag_* keys
+    summary: dict  # diagnostics.json
+
+    @property
+    def label(self) -> str:
+        s = self.summary
+        return f"{s['kind']} h={s['hidden_size']}, {s['truncation']}"
+
+
+def load_run(path: str | Path) -> RunDiagnostics:
+    """A run folder (or its diagnostics.json); a clear error when it has no diagnostics."""
+    from rnnlm.config import ConfigError
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    summary_path = folder / SUMMARY_FILE
+    if not summary_path.is_file():
+        raise ConfigError(f"{folder} holds no {SUMMARY_FILE}: train with "
+                          f"--set train.diagnostics=true or run diagnose.py --checkpoint first")
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    records = []
+    metrics = folder / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                record = json.loads(line)
+                if "diag_gnorm" in record:
+                    records.append(record)
+    if not records and "gnorm" in summary:  # a checkpoint measured by diagnose.py
+        records = [{"epoch": summary.get("epoch", 0), "diag_gnorm": summary["gnorm"],
+                    "diag_gnorm_last": summary["gnorm_last"]}]
+    return RunDiagnostics(name=folder.name, records=records, summary=summary)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _pick(records: list[dict], n: int = 5) -> list[dict]:
+    if len(records) <= n:
+        return records
+    index = np.unique(np.linspace(0, len(records) - 1, n).round().astype(int))
+    return [records[i] for i in index]
+
+
+def _positive(values) -> np.ndarray:
+    a = np.asarray(values, dtype=float)
+    return np.where(a > 0, a, np.nan)  # log axes: a zero gradient is drawn as a gap
+
+
+def draw_gradient_norms(ax, run: RunDiagnostics) -> None:
+    plt = _pyplot()
+    chosen = _pick(run.records)
+    colors = plt.cm.viridis(np.linspace(0, 0.9, max(len(chosen), 1)))
+    for record, color in zip(chosen, colors):
+        d = np.arange(len(record["diag_gnorm"]))
+        ax.plot(d, _positive(record["diag_gnorm"]), color=color,
+                label=f"epoch {record['epoch']}")
+        ax.plot(d, _positive(record["diag_gnorm_last"]), color=color, linestyle="--")
+    ax.set_yscale("log")
+    ax.set_xlabel("distance from the end of the window (steps)")
+    ax.set_ylabel("mean ||dL/dh_t||")
+    ax.set_title(run.label, fontsize=9)
+    ax.legend(fontsize=7, title="solid: window loss\ndashed: last step's loss",
+              title_fontsize=7)
+
+
+def draw_eigenvalues(ax, run: RunDiagnostics) -> None:
+    plt = _pyplot()
+    theta = np.linspace(0, 2 * np.pi, 400)
+    ax.plot(np.cos(theta), np.sin(theta), color="black", linewidth=0.8)
+    initial = run.summary.get("eig_init") or {}
+    for points in initial.values():
+        z = np.asarray(points, dtype=float).reshape(-1, 2)
+        ax.scatter(z[:, 0], z[:, 1], s=4, color="lightgray")
+    blocks = run.summary["eig_final"]
+    colors = plt.cm.tab10(np.arange(len(blocks)) % 10)
+    for (name, points), color in zip(blocks.items(), colors):
+        z = np.asarray(points, dtype=float).reshape(-1, 2)
+        rho = float(np.hypot(z[:, 0], z[:, 1]).max()) if len(z) else 0.0
+        ax.scatter(z[:, 0], z[:, 1], s=5, color=color, label=f"{name} (rho {rho:.2f})")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_xlabel("Re")
+    ax.set_ylabel("Im")
+    ax.set_title(f"eigenvalues of W_hh: {run.label}\n(gray: at initialisation)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right", markerscale=2)
+
+
+def draw_truncation_pattern(ax, run: RunDiagnostics, fig=None) -> None:
+    pattern = run.summary.get("pattern")
+    if not pattern:
+        ax.set_axis_off()
+        return
+    norms = np.asarray(pattern["norms"], dtype=float)
+    with np.errstate(divide="ignore"):
+        shown = np.ma.masked_where(norms <= 0, np.log10(np.where(norms > 0, norms, 1.0)))
+    image = ax.imshow(shown, cmap="magma_r", origin="upper", interpolation="nearest")
+    edges = np.cumsum(pattern["lengths"])[:-1] - 0.5
+    for e in edges:
+        ax.axvline(e, color="tab:blue", linewidth=0.6)
+        ax.axhline(e, color="tab:blue", linewidth=0.6)
+    ax.set_xlabel("step t receiving gradient")
+    ax.set_ylabel("loss at step s")
+    lengths = ", ".join(map(str, pattern["lengths"]))
+    ax.set_title(f"{run.summary['truncation']} ({run.summary['kind']}): windows {lengths}",
+                 fontsize=9)
+    if fig is not None:
+        fig.colorbar(image, ax=ax, shrink=0.8, label="log10 ||dl_s/dh_t|| (blank: none)")
+
+
+def _draw_history(ax, run: RunDiagnostics) -> None:
+    epochs = [r["epoch"] for r in run.records if "diag_rho" in r]
+    if not epochs:
+        ax.set_axis_off()
+        return
+    names = list(run.records[-1]["diag_rho"])
+    for name in names:
+        ax.plot(epochs, [r["diag_rho"][name] for r in run.records if "diag_rho" in r],
+                label=name)
+    ax.axhline(1.0, color="black", linewidth=0.6, linestyle=":")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("spectral radius of W_hh")
+    ax.legend(fontsize=7)
+    clipped = [r.get("clipped_frac") for r in run.records if "diag_rho" in r]
+    if all(c is not None for c in clipped):
+        twin = ax.twinx()
+        twin.plot(epochs, clipped, color="gray", linestyle="--")
+        twin.set_ylabel("fraction of clipped steps (dashed)")
+        twin.set_ylim(-0.02, 1.02)
+    ax.set_title("spectral radius and clipping over training", fontsize=9)
+
+
+def plot_run(run: RunDiagnostics, path: str | Path) -> Path:
+    """One run's dashboard: gradient norms, spectral radius + clipping, eigenvalues, pattern."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 9))
+    draw_gradient_norms(axes[0, 0], run)
+    _draw_history(axes[0, 1], run)
+    draw_eigenvalues(axes[1, 0], run)
+    draw_truncation_pattern(axes[1, 1], run, fig)
+    return _save(fig, path)
+
+
+def _side_by_side(runs, draw, path, width=4.6, height=4.2, with_fig=False) -> Path:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(runs), figsize=(width * len(runs), height), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        if with_fig:
+            draw(ax, run, fig)
+        else:
+            draw(ax, run)
+    return _save(fig, path)
+
+
+def plot_gradient_norms(runs: list[RunDiagnostics], path: str | Path) -> Path:
+    return _side_by_side(runs, draw_gradient_norms, path)
+
+
+def plot_eigenvalues(runs: list[RunDiagnostics], path: str | Path) -> Path:
+    return _side_by_side(runs, draw_eigenvalues, path, height=4.6)
+
+
+def plot_truncation_patterns(runs: list[RunDiagnostics], path: str | Path) -> Path:
+    return _side_by_side(runs, draw_truncation_pattern, path, width=5.2, with_fig=True)
+
+
+def _save(fig, path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path

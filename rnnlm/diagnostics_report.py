@@ -1,0 +1,115 @@
+"""Diagnostics of one run: per-epoch keys for metrics.jsonl, then diagnostics.json + a plot.
+
+``DiagnosticsRecorder`` is what the trainer drives when ``train.diagnostics`` is on;
+``write_summary`` is shared with ``diagnose.py`` (a checkpoint measured after the fact).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rnnlm.diagnostics import (
+    complex_pairs,
+    diagnostic_batch,
+    eigenvalues,
+    epoch_record,
+    truncation_pattern,
+)
+from rnnlm.diagnostics_plots import PLOT_FILE, SUMMARY_FILE, load_run, plot_run
+from rnnlm.iterators import BatchIterator
+from rnnlm.models import LanguageModel
+from rnnlm.truncation import Truncation
+
+PATTERN_BATCHES = 3  # consecutive training batches drawn in the truncation pattern
+
+
+def pattern_windows(batches: BatchIterator, truncation: Truncation, epoch: int,
+                    count: int = PATTERN_BATCHES, dtype=torch.float32):
+    """The first `count` batches of `epoch`, lane 0, with the xi the trainer drew for them."""
+    windows = []
+    for b, (X, Y) in enumerate(batches.epoch(epoch)):
+        if b == count:
+            break
+        windows.append((X[:1], Y[:1], truncation.xi(epoch, b, X.shape[1], dtype=dtype)))
+    return windows
+
+
+def _round(values, digits: int = 4) -> list:
+    return [float(f"{v:.{digits}g}") for v in values]
+
+
+def write_summary(out_dir: Path, model: LanguageModel, cfg, epoch: int, windows,
+                  carry_state: bool, eig_init: dict | None, gnorms=None) -> Path:
+    """diagnostics.json (final eigenvalues, truncation pattern, optional gradient norms) and
+    diagnostics.png in out_dir; returns the plot's path."""
+    norms = truncation_pattern(model, windows, carry_state)
+    xis = [xi for _, _, xi in windows]
+    summary = {
+        "kind": cfg.model.kind, "hidden_size": cfg.model.hidden_size,
+        "num_layers": cfg.model.num_layers, "activation": cfg.model.activation,
+        "truncation": cfg.train.truncation, "truncation_pi": cfg.train.truncation_pi,
+        "num_steps": cfg.data.num_steps, "epoch": epoch,
+        "eig_init": None if eig_init is None else
+        {name: complex_pairs(ev) for name, ev in eig_init.items()},
+        "eig_final": {name: complex_pairs(ev) for name, ev in eigenvalues(model).items()},
+        "pattern": {
+            "epoch": epoch, "carry_state": carry_state,
+            "lengths": [int(X.shape[1]) for X, _, _ in windows],
+            "xi": None if all(x is None for x in xis) else [x.tolist() for x in xis],
+            "norms": [_round(row) for row in norms],
+        },
+    }
+    if gnorms is not None:
+        summary["gnorm"], summary["gnorm_last"] = gnorms
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / (SUMMARY_FILE + ".tmp")
+    tmp.write_text(json.dumps(summary), encoding="utf-8")
+    tmp.replace(out_dir / SUMMARY_FILE)
+    return plot_run(load_run(out_dir), out_dir / PLOT_FILE)
+
+
+class DiagnosticsRecorder:
+    """Measures the model every `train.diagnostics_every` epochs and at the end of training."""
+
+    def __init__(self, cfg, model: LanguageModel, ids: np.ndarray, batches: BatchIterator,
+                 truncation: Truncation, out_dir: Path):
+        self.cfg, self.batches, self.truncation = cfg, batches, truncation
+        self.out_dir = Path(out_dir)
+        self.X, self.Y = diagnostic_batch(ids, cfg.data.batch_size, cfg.data.num_steps)
+        self.eig_init = eigenvalues(model)  # before the first step: where training starts
+
+    def epoch_record(self, model: LanguageModel, epoch: int) -> dict:
+        """diag_* keys for this epoch's metrics record ({} when not due)."""
+        every, last = self.cfg.train.diagnostics_every, self.cfg.train.epochs
+        if (epoch + 1) % every and epoch + 1 != last:
+            return {}
+        return epoch_record(model, self.X, self.Y)
+
+    def finish(self, model: LanguageModel, epoch: int) -> Path:
+        """Truncation pattern of the last epoch's first batches, diagnostics.json, the plot."""
+        windows = pattern_windows(self.batches, self.truncation, epoch,
+                                  dtype=model.output.weight.dtype)
+        return write_summary(self.out_dir, model, self.cfg, epoch + 1, windows,
+                             self.batches.carries_state, self.eig_init)
+
+
+def measure_checkpoint_model(model: LanguageModel, cfg, ids: np.ndarray, out_dir: Path,
+                             epoch: int) -> tuple[Path, dict]:
+    """diagnose.py's work: every measurement on a trained model, written into out_dir."""
+    from rnnlm.truncation import variable_length_of
+
+    X, Y = diagnostic_batch(ids, cfg.data.batch_size, cfg.data.num_steps)
+    record = epoch_record(model, X, Y)
+    batches = BatchIterator(ids, cfg.data.batch_size, cfg.data.num_steps, cfg.data.iterator,
+                            seed=cfg.seed, variable_length=variable_length_of(cfg.train))
+    truncation = Truncation.from_config(cfg)
+    # the pattern of the epoch that would come next, as training would have drawn it
+    windows = pattern_windows(batches, truncation, epoch, dtype=model.output.weight.dtype)
+    plot = write_summary(out_dir, model, cfg, epoch, windows, batches.carries_state, None,
+                         gnorms=(record["diag_gnorm"], record["diag_gnorm_last"]))
+    return plot, record
