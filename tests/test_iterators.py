@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from rnnlm.iterators import BatchIterator
+from rnnlm.iterators import BatchIterator, VariableLength
 
 
 @pytest.mark.parametrize("mode", ["sequential", "random"])
@@ -73,3 +73,74 @@ def test_ranks_split_the_global_batch(mode):
     for i, (X, Y) in enumerate(whole):
         assert (X == np.concatenate([parts[0][i][0], parts[1][i][0]])).all()
         assert (Y == np.concatenate([parts[0][i][1], parts[1][i][1]])).all()
+
+
+# --- variable-length windows (AWD-LSTM, train.truncation=variable_length) --------------------
+
+AWD = VariableLength(p_full=0.95, std=5.0, min_len=5)
+
+
+def test_variable_length_lanes_stay_contiguous_and_cover_the_lanes():
+    ids = np.arange(20000, dtype=np.int64)
+    it = BatchIterator(ids, 4, 20, "sequential", seed=1, variable_length=AWD)
+    fixed = BatchIterator(ids, 4, 20, "sequential", seed=1)
+    lengths = []
+    for epoch in range(5):
+        batches = list(it.epoch(epoch))
+        # the same offset as the fixed iterator: only the cuts move
+        assert int(batches[0][0][0, 0]) == int(next(fixed.epoch(epoch))[0][0, 0])
+        for X, Y in batches:
+            assert X.shape == Y.shape and X.shape[1] >= 5
+            assert np.array_equal(Y.numpy(), X.numpy() + 1)  # ids = arange: shifted targets
+            lengths.append(X.shape[1])
+        for prev, cur in zip(batches, batches[1:]):
+            assert np.array_equal(cur[0][:, 0].numpy(), prev[0][:, -1].numpy() + 1)
+        lane_len = (len(ids) - int(batches[0][0][0, 0]) - 1) // 4
+        left = lane_len - sum(X.shape[1] for X, _ in batches)
+        assert 0 <= left < 5  # only a tail shorter than min_len is dropped
+    lengths = np.array(lengths)
+    assert len(set(lengths.tolist())) > 10  # the lengths vary
+    # E[len] = 0.95 * 20 + 0.05 * 10 = 19.5 (the min clip and the tail barely move it)
+    assert abs(lengths.mean() - 19.5) < 0.6
+    narrow = BatchIterator(ids, 4, 20, "sequential", seed=1,
+                           variable_length=VariableLength(p_full=0.95, std=1.0, min_len=5))
+    short = [X.shape[1] <= 13 for e in range(5) for X, _ in narrow.epoch(e)]
+    assert 0.03 < np.mean(short) < 0.08  # half-length windows with probability 0.05
+
+
+def test_variable_length_is_seeded_resumable_and_sharded():
+    ids = np.arange(6000, dtype=np.int64)
+    it = BatchIterator(ids, 4, 12, "sequential", seed=3, variable_length=AWD)
+    full = [X for X, _ in it.epoch(2)]
+    again = [X for X, _ in BatchIterator(ids, 4, 12, "sequential", seed=3,
+                                         variable_length=AWD).epoch(2)]
+    assert all(torch_equal(a, b) for a, b in zip(full, again)) and len(full) == len(again)
+    assert [X.shape for X in full] != [X.shape for X, _ in it.epoch(3)]
+    rest = [X for X, _ in it.epoch(2, start_batch=4)]
+    assert all(torch_equal(a, b) for a, b in zip(full[4:], rest)) and len(rest) == len(full) - 4
+    parts = [list(BatchIterator(ids, 4, 12, "sequential", seed=3, rank=r, world_size=2,
+                                variable_length=AWD).epoch(2)) for r in range(2)]
+    for i, X in enumerate(full):
+        assert (X == np.concatenate([parts[0][i][0], parts[1][i][0]])).all()
+
+
+def test_variable_length_draw_is_awd_lstm():
+    rng = np.random.default_rng(0)
+    draws = np.array([VariableLength(p_full=1.0, std=0.0, min_len=1).draw(rng, 35)
+                      for _ in range(50)])
+    assert (draws == 35).all()
+    draws = np.array([VariableLength(p_full=0.0, std=0.0, min_len=1).draw(rng, 35)
+                      for _ in range(50)])
+    assert (draws == 18).all()  # round(35 / 2)
+    draws = np.array([VariableLength(p_full=1.0, std=30.0, min_len=7).draw(rng, 10)
+                      for _ in range(500)])
+    assert draws.min() == 7 and draws.max() > 40
+
+
+def test_variable_length_needs_sequential_iteration():
+    with pytest.raises(ValueError, match="sequential"):
+        BatchIterator(np.arange(100), 2, 5, "random", seed=0, variable_length=AWD)
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())
