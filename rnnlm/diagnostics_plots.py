@@ -40,6 +40,9 @@ def load_run(path: str | Path) -> RunDiagnostics:
     from rnnlm.config import ConfigError
 
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"run {path} not found: pass a run folder (out_dir) or its "
+                          f"{SUMMARY_FILE}")
     folder = path if path.is_dir() else path.parent
     summary_path = folder / SUMMARY_FILE
     if not summary_path.is_file():

@@ -113,3 +113,63 @@ def measure_checkpoint_model(model: LanguageModel, cfg, ids: np.ndarray, out_dir
     plot = write_summary(out_dir, model, cfg, epoch, windows, batches.carries_state, None,
                          gnorms=(record["diag_gnorm"], record["diag_gnorm_last"]))
     return plot, record
+
+
+def load_checkpoint_model(path: str | Path, overrides=()) -> tuple[LanguageModel, object, int]:
+    """(model, config, epoch) from a checkpoint file: a dict with "config" (the resolved config
+    as a dict), "model" (a state_dict) and optionally "epoch", loaded with weights_only."""
+    from rnnlm.config import ConfigError, config_from_dict
+    from rnnlm.models import build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} not found: pass a file written by training")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt file or one that needs more than weights_only
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"checkpoint {path} cannot be loaded safely: {first}") from None
+    if not isinstance(raw, dict) or "config" not in raw or "model" not in raw:
+        raise ConfigError(f"checkpoint {path} is not an rnnlm checkpoint (it needs the keys "
+                          f"'config' and 'model')")
+    cfg = config_from_dict(raw["config"], overrides, source=str(path))
+    weights = raw["model"]
+    vocab_size = weights["output.weight"].shape[0]
+    model = build_model(cfg.model, vocab_size)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise ConfigError(f"checkpoint {path}: its weights do not fit model {cfg.model.kind} "
+                          f"h={cfg.model.hidden_size}: {str(exc).splitlines()[0]}") from None
+    return model, cfg, int(raw.get("epoch", 0))
+
+
+def diagnose_checkpoint(path: str | Path, out_dir: str | Path | None = None,
+                        overrides=()) -> tuple[Path, dict]:
+    """Measure a saved model on its own corpus; returns the plot's path and the diag_* keys.
+    The results go into out_dir (default: diagnose-<name> beside the checkpoint), never over
+    the training run's own diagnostics."""
+    from rnnlm.config import ConfigError
+    from rnnlm.data import load_corpus
+
+    model, cfg, epoch = load_checkpoint_model(path, overrides)
+    corpus = load_corpus(cfg.data)
+    if len(corpus.vocab) != model.vocab_size:
+        raise ConfigError(f"checkpoint {path} has a vocabulary of {model.vocab_size} but its "
+                          f"corpus ({corpus.source}) gives {len(corpus.vocab)}: point "
+                          f"--set data.path/data.data_dir at the text it was trained on")
+    path = Path(path)
+    out_dir = Path(out_dir) if out_dir else path.parent / f"diagnose-{path.stem}"
+    return measure_checkpoint_model(model, cfg, corpus.ids, out_dir, epoch)
+
+
+def format_record(record: dict) -> str:
+    """A short human summary of one diagnostics record (diagnose.py prints it)."""
+    total, last = record["diag_gnorm"], record["diag_gnorm_last"]
+    lines = [f"||dL/dh_t|| (window loss) at distance 0 / {len(total) // 2} / {len(total) - 1}:"
+             f" {total[0]:.3g} / {total[len(total) // 2]:.3g} / {total[-1]:.3g}",
+             f"||dl_T/dh_t|| (last step's loss) at the same distances: "
+             f"{last[0]:.3g} / {last[len(last) // 2]:.3g} / {last[-1]:.3g}",
+             "spectral radius of W_hh: " + ", ".join(
+                 f"{name} {rho:.3f}" for name, rho in record["diag_rho"].items())]
+    return "\n".join(lines)
