@@ -121,8 +121,13 @@ def spectral_summary(model: LanguageModel, leading: int = LEADING_EIGENVALUES) -
 def epoch_record(model: LanguageModel, X: torch.Tensor, Y: torch.Tensor) -> dict:
     """The diagnostics keys of one metrics.jsonl record (module docstring)."""
     total, last = state_gradient_norms(model, X, Y)
-    return {"diag_gnorm": [round(v, 8) for v in total],
-            "diag_gnorm_last": [round(v, 8) for v in last], **spectral_summary(model)}
+    return {"diag_gnorm": significant(total), "diag_gnorm_last": significant(last),
+            **spectral_summary(model)}
+
+
+def significant(values, digits: int = 5) -> list[float]:
+    """Round to significant digits, not decimals: vanishing gradients stay visible."""
+    return [float(f"{v:.{digits}g}") for v in values]
 
 
 def truncation_pattern(model: LanguageModel, windows, carry_state: bool) -> np.ndarray:

@@ -138,7 +138,7 @@ def draw_truncation_pattern(ax, run: RunDiagnostics, fig=None) -> None:
     ax.set_xlabel("step t receiving gradient")
     ax.set_ylabel("loss at step s")
     lengths = ", ".join(map(str, pattern["lengths"]))
-    ax.set_title(f"{run.summary['truncation']} ({run.summary['kind']}): windows {lengths}",
+    ax.set_title(f"{_strategy(run.summary)} ({run.summary['kind']}): windows {lengths}",
                  fontsize=9)
     if fig is not None:
         fig.colorbar(image, ax=ax, shrink=0.8, label="log10 ||dl_s/dh_t|| (blank: none)")
@@ -196,8 +196,51 @@ def plot_eigenvalues(runs: list[RunDiagnostics], path: str | Path) -> Path:
     return _side_by_side(runs, draw_eigenvalues, path, height=4.6)
 
 
+def segments(norms: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) stretches of steps joined by gradient: the chain is cut between t-1 and t
+    when no loss at s >= t sends any gradient to h_{t-1}."""
+    n = norms.shape[0]
+    cuts = [t for t in range(1, n) if not (norms[t:, t - 1] > 0).any()]
+    edges = [0, *cuts, n]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _strategy(summary: dict) -> str:
+    if summary["truncation"] == "randomized":
+        return f"randomized, pi={summary['truncation_pi']:g}"
+    return summary["truncation"]
+
+
+def draw_truncation_strips(ax, runs: list[RunDiagnostics]) -> None:
+    """D2L fig. 8.7.1 from real runs: each strategy's text cut into the stretches that
+    gradient actually crossed (alternating shades), window boundaries as ticks."""
+    for row, run in enumerate(runs):
+        pattern = run.summary.get("pattern")
+        if not pattern:
+            continue
+        y = len(runs) - 1 - row
+        for k, (a, b) in enumerate(segments(np.asarray(pattern["norms"], dtype=float))):
+            ax.barh(y, b - a, left=a - 0.5, height=0.6,
+                    color="tab:orange" if k % 2 else "tab:blue", edgecolor="white")
+        for e in np.cumsum(pattern["lengths"])[:-1] - 0.5:
+            ax.plot([e, e], [y - 0.42, y + 0.42], color="black", linewidth=1.5)
+    ax.set_yticks(range(len(runs)))
+    ax.set_yticklabels([_strategy(r.summary) for r in reversed(runs)])
+    ax.set_xlabel("token position (lane 0, three consecutive training batches); "
+                  "black ticks: batch boundaries")
+    ax.set_title("stretches of text that gradient crossed (a new shade = the chain was cut)",
+                 fontsize=9)
+
+
 def plot_truncation_patterns(runs: list[RunDiagnostics], path: str | Path) -> Path:
-    return _side_by_side(runs, draw_truncation_pattern, path, width=5.2, with_fig=True)
+    """Heatmaps of ||dl_s/dh_t|| side by side, above the D2L-style strips of all runs."""
+    plt = _pyplot()
+    fig = plt.figure(figsize=(5.2 * len(runs), 4.2 + 0.5 * len(runs) + 0.8))
+    grid = fig.add_gridspec(2, len(runs), height_ratios=[4.2, 0.5 * len(runs) + 0.8])
+    for i, run in enumerate(runs):
+        draw_truncation_pattern(fig.add_subplot(grid[0, i]), run, fig)
+    draw_truncation_strips(fig.add_subplot(grid[1, :]), runs)
+    return _save(fig, path)
 
 
 def _save(fig, path) -> Path:

@@ -17,6 +17,7 @@ from rnnlm.diagnostics import (
     diagnostic_batch,
     eigenvalues,
     epoch_record,
+    significant,
     truncation_pattern,
 )
 from rnnlm.diagnostics_plots import PLOT_FILE, SUMMARY_FILE, load_run, plot_run
@@ -38,10 +39,6 @@ def pattern_windows(batches: BatchIterator, truncation: Truncation, epoch: int,
     return windows
 
 
-def _round(values, digits: int = 4) -> list:
-    return [float(f"{v:.{digits}g}") for v in values]
-
-
 def write_summary(out_dir: Path, model: LanguageModel, cfg, epoch: int, windows,
                   carry_state: bool, eig_init: dict | None, gnorms=None) -> Path:
     """diagnostics.json (final eigenvalues, truncation pattern, optional gradient norms) and
@@ -60,7 +57,7 @@ def write_summary(out_dir: Path, model: LanguageModel, cfg, epoch: int, windows,
             "epoch": epoch, "carry_state": carry_state,
             "lengths": [int(X.shape[1]) for X, _, _ in windows],
             "xi": None if all(x is None for x in xis) else [x.tolist() for x in xis],
-            "norms": [_round(row) for row in norms],
+            "norms": [significant(row, 4) for row in norms],
         },
     }
     if gnorms is not None:

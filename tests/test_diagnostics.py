@@ -27,6 +27,7 @@ from rnnlm.diagnostics_plots import (
     plot_eigenvalues,
     plot_gradient_norms,
     plot_truncation_patterns,
+    segments,
 )
 from rnnlm.diagnostics_report import diagnose_checkpoint, pattern_windows
 from rnnlm.iterators import BatchIterator, VariableLength
@@ -251,7 +252,15 @@ def test_diagnostics_in_metrics_and_summary(diagnosed_runs):
         if cfg.train.truncation == "randomized":
             tr = Truncation.from_config(cfg)
             assert all(torch.equal(xis[b], tr.xi(2, b, lengths[b])) for b in range(3))
-        assert np.array_equal(np.array(pattern["norms"]) > 0, _reachable(lengths, xis))
+        norms = np.array(pattern["norms"])
+        assert np.array_equal(norms > 0, _reachable(lengths, xis))
+        # the D2L-style strips: cut at every batch boundary and at every xi_t = 0
+        cuts = set(np.cumsum(lengths)[:-1].tolist())
+        if xis is not None:
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            cuts |= {int(a) + t for a, xi in zip(starts, xis) for t in range(1, len(xi))
+                     if xi[t] == 0}
+        assert [a for a, _ in segments(norms)][1:] == sorted(cuts)
         assert (out / "diagnostics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
