@@ -12,6 +12,7 @@ import torch
 from rnnlm.config import ConfigError, config_from_dict, load_config
 from rnnlm.iterators import BatchIterator
 from rnnlm.models import MODEL_KINDS, build_model
+from rnnlm.shards import ShardedForwardBackward, forward_backward
 from rnnlm.trainer import train, train_epoch
 from rnnlm.truncation import Truncation, variable_length_of
 from tests.conftest import ROOT
@@ -67,7 +68,7 @@ def test_every_combination_trains_or_is_refused(kind, strategy, iterator):
     batches, carry = _tiny_batches(cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     result = train_epoch(model, batches, opt, 1.0, carry, torch.device("cpu"),
-                         Truncation.from_config(cfg), epoch=0)
+                         truncation=Truncation.from_config(cfg), epoch=0)
     assert result.batches == 2 and np.isfinite(result.loss)
 
 
@@ -105,7 +106,7 @@ def test_trainer_passes_the_seeded_xi_and_it_changes_the_gradient():
     torch.manual_seed(0)
     spy = XiSpy(build_model(cfg.model, 7))
     train_epoch(spy, batches, torch.optim.SGD(spy.parameters(), lr=0.1), None, True,
-                torch.device("cpu"), tr, epoch=4)
+                torch.device("cpu"), truncation=tr, epoch=4)
     assert len(spy.seen) == 3
     for b, xi in enumerate(spy.seen):
         assert torch.equal(xi, tr.xi(4, b, 8))
@@ -120,6 +121,30 @@ def test_trainer_passes_the_seeded_xi_and_it_changes_the_gradient():
         torch.nn.functional.cross_entropy(logits.reshape(-1, 7), Y.t().reshape(-1)).backward()
         grads.append(model.layers[0].weight_hh.grad.clone())
     assert not torch.allclose(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("strategy", ["randomized", "variable_length"])
+def test_strategies_with_batch_shards_match_one_thread(strategy):
+    """Lane shards on CPU threads (shards.py) see the same xi and window lengths: the epoch
+    equals the single-threaded one up to rounding."""
+    cfg = config_from_dict({}, [f"train.truncation={strategy}", "model.hidden_size=6",
+                                "data.batch_size=4", "data.num_steps=8",
+                                "train.variable_length_min=2"])
+    batches, carry = _tiny_batches(cfg, n=4)
+    results = []
+    for step in (forward_backward, ShardedForwardBackward(2)):
+        torch.manual_seed(0)
+        model = build_model(cfg.model, 7)
+        with torch.no_grad():  # weights large enough for the recurrence (and xi) to matter
+            for p in model.parameters():
+                p.normal_(0, 0.5)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        results.append(train_epoch(model, batches, opt, 1.0, carry, torch.device("cpu"), step,
+                                   truncation=Truncation.from_config(cfg), epoch=1))
+        if step is not forward_backward:
+            step.close()
+    assert results[0].loss == pytest.approx(results[1].loss, rel=1e-6)
+    assert results[0].grad_norm == pytest.approx(results[1].grad_norm, rel=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["rnn_scratch", "gru_scratch", "lstm_scratch"])
