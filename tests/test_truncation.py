@@ -222,7 +222,8 @@ def float64_default():
     torch.set_default_dtype(before)
 
 
-def test_manual_and_autograd_training_give_the_same_metrics(data_dir, tmp_path,
+@pytest.mark.parametrize("activation", ["tanh", "identity"])
+def test_manual_and_autograd_training_give_the_same_metrics(activation, data_dir, tmp_path,
                                                             float64_default):
     """20 epochs of the tiny preset (scratch RNN), trained in float64: the hand-written BPTT
     and autograd give the same loss and gradient norm every epoch to 1e-10 (relative)."""
@@ -232,7 +233,7 @@ def test_manual_and_autograd_training_give_the_same_metrics(data_dir, tmp_path,
         cfg = load_config(ROOT / "configs/tiny.yaml",
                           [f"data.data_dir={data_dir}", f"out_dir={out}", "train.epochs=20",
                            "data.max_tokens=300", f"model.backward={backward}",
-                           "train.predict_every=0"])
+                           f"model.activation={activation}", "train.predict_every=0"])
         train(cfg, quiet=True)
         runs[backward] = _metrics(out)
     manual, autograd = runs["manual"], runs["autograd"]
