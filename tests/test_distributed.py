@@ -32,6 +32,9 @@ def single_process_env():
 EQUIVALENCE_CASES = {
     "sequential": ["data.iterator=sequential", "model.kind=rnn_scratch"],
     "random": ["data.iterator=random", "model.kind=lstm"],
+    # every rank draws the same xi (window lengths: test_iterators); diagnostics on rank 0
+    "randomized": ["model.kind=gru_scratch", "train.truncation=randomized",
+                   "train.diagnostics=true"],
 }
 
 
