@@ -44,7 +44,7 @@ class ModelConfig:
     # backward (bptt.py, gated_bptt.py; same numbers, far fewer ops), "autograd" step by step.
     # "auto" is manual for the scratch kinds; torch.nn kinds always use their own backward.
     backward: Literal["auto", "manual", "autograd"] = "auto"
-    activation: Literal["tanh", "identity"] = "tanh"  # identity: the seed's linear RNN
+    activation: Literal["tanh", "identity"] = "tanh"  # identity: D2L 8.7's linear RNN
 
 
 @dataclass
@@ -254,7 +254,7 @@ def validate(cfg: Config) -> None:
              f"model.kind must be one of {', '.join(MODEL_KINDS)}; got {m.kind!r}")
     model_class = MODEL_KINDS[m.kind]
     _require(m.activation in model_class.activations,
-             f"model.activation: {m.activation} is only offered for rnn_scratch (the seed's "
+             f"model.activation: {m.activation} is only offered for rnn_scratch (D2L 8.7's "
              f"linear RNN); {m.kind} supports {', '.join(model_class.activations)}: "
              f"set model.activation=tanh")
     _require(m.hidden_size >= 1, f"model.hidden_size must be >= 1, got {m.hidden_size}")

@@ -30,7 +30,7 @@ def rnn_cell(xw_t, state, w_hh, b_hh):
 
 
 def linear_rnn_cell(xw_t, state, w_hh, b_hh):
-    """The seed's simplified RNN (DESIGN §3): no nonlinearity."""
+    """D2L 8.7's simplified RNN (DESIGN §3): no nonlinearity."""
     (h,) = state
     return (torch.addmm(xw_t + b_hh, h, w_hh.t()),)
 
