@@ -105,40 +105,29 @@ def measure_checkpoint_model(model: LanguageModel, cfg, ids: np.ndarray, out_dir
     batches = BatchIterator(ids, cfg.data.batch_size, cfg.data.num_steps, cfg.data.iterator,
                             seed=cfg.seed, variable_length=variable_length_of(cfg.train))
     truncation = Truncation.from_config(cfg)
-    # the pattern of the epoch that would come next, as training would have drawn it
-    windows = pattern_windows(batches, truncation, epoch, dtype=model.output.weight.dtype)
+    # the pattern of the checkpoint's last epoch, as training drew it (epoch is 1-based)
+    windows = pattern_windows(batches, truncation, max(epoch - 1, 0),
+                              dtype=model.output.weight.dtype)
     plot = write_summary(out_dir, model, cfg, epoch, windows, batches.carries_state, None,
                          gnorms=(record["diag_gnorm"], record["diag_gnorm_last"]))
     return plot, record
 
 
-def load_checkpoint_model(path: str | Path, overrides=()) -> tuple[LanguageModel, object, int]:
-    """(model, config, epoch) from a checkpoint file: a dict with "config" (the resolved config
-    as a dict), "model" (a state_dict) and optionally "epoch", loaded with weights_only."""
-    from rnnlm.config import ConfigError, config_from_dict
-    from rnnlm.models import build_model
+def load_checkpoint_model(path: str | Path, overrides=()):
+    """(model, config, vocab, epoch) from a training checkpoint (rnnlm.checkpoint). `--set`
+    overrides may point the config at the corpus (data.*), never change the model."""
+    from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint
+    from rnnlm.config import ConfigError, config_from_dict, parse_override
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {path} not found: pass a file written by training")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt file or one that needs more than weights_only
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"checkpoint {path} cannot be loaded safely: {first}") from None
-    if not isinstance(raw, dict) or "config" not in raw or "model" not in raw:
-        raise ConfigError(f"checkpoint {path} is not an rnnlm checkpoint (it needs the keys "
-                          f"'config' and 'model')")
-    cfg = config_from_dict(raw["config"], overrides, source=str(path))
-    weights = raw["model"]
-    vocab_size = weights["output.weight"].shape[0]
-    model = build_model(cfg.model, vocab_size)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise ConfigError(f"checkpoint {path}: its weights do not fit model {cfg.model.kind} "
-                          f"h={cfg.model.hidden_size}: {str(exc).splitlines()[0]}") from None
-    return model, cfg, int(raw.get("epoch", 0))
+    for item in overrides:
+        key, _ = parse_override(item)
+        if key.startswith("model."):
+            raise ConfigError(f"--set {item}: diagnose.py measures the model saved in {path}; "
+                              f"its model.* settings cannot change")
+    ckpt = load_checkpoint(path)
+    model, vocab, _, _ = model_from_checkpoint(ckpt, torch.device("cpu"), str(path))
+    cfg = config_from_dict(ckpt["config"], overrides, source=str(path))
+    return model, cfg, vocab, int(ckpt["progress"]["epoch"])
 
 
 def diagnose_checkpoint(path: str | Path, out_dir: str | Path | None = None,
@@ -149,12 +138,12 @@ def diagnose_checkpoint(path: str | Path, out_dir: str | Path | None = None,
     from rnnlm.config import ConfigError
     from rnnlm.data import load_corpus
 
-    model, cfg, epoch = load_checkpoint_model(path, overrides)
+    model, cfg, vocab, epoch = load_checkpoint_model(path, overrides)
     corpus = load_corpus(cfg.data)
-    if len(corpus.vocab) != model.vocab_size:
-        raise ConfigError(f"checkpoint {path} has a vocabulary of {model.vocab_size} but its "
-                          f"corpus ({corpus.source}) gives {len(corpus.vocab)}: point "
-                          f"--set data.path/data.data_dir at the text it was trained on")
+    if corpus.vocab != vocab:
+        raise ConfigError(f"checkpoint {path} was trained with another vocabulary than its "
+                          f"corpus ({corpus.source}) gives now: point --set data.path or "
+                          f"data.data_dir at the text it was trained on")
     path = Path(path)
     out_dir = Path(out_dir) if out_dir else path.parent / f"diagnose-{path.stem}"
     return measure_checkpoint_model(model, cfg, corpus.ids, out_dir, epoch)

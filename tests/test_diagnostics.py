@@ -287,13 +287,18 @@ def test_side_by_side_figures(diagnosed_runs, tmp_path):
 def test_diagnose_cli(diagnosed_runs, tmp_path, monkeypatch, capsys):
     root, runs = diagnosed_runs
     cfg, out = runs["lstm_scratch"]
-    model = build_model(cfg.model, 28)
-    checkpoint = tmp_path / "model.pt"
-    torch.save({"config": cfg.to_dict(), "model": model.state_dict(), "epoch": 3}, checkpoint)
+    checkpoint = tmp_path / "last.pt"
+    shutil.copy(out / "last.pt", checkpoint)  # written by the training run
     plot, record = diagnose_checkpoint(checkpoint)
-    assert plot == tmp_path / "diagnose-model" / "diagnostics.png" and plot.is_file()
+    assert plot == tmp_path / "diagnose-last" / "diagnostics.png" and plot.is_file()
     summary = json.loads((plot.parent / "diagnostics.json").read_text())
     assert summary["gnorm"] == record["diag_gnorm"] and len(record["diag_rho"]) == 4
+    # the same model as at the end of training: the same measurements as its last record
+    trained = _metrics(out)[-1]
+    assert record["diag_gnorm"] == pytest.approx(trained["diag_gnorm"], rel=1e-4)
+    assert record["diag_rho"] == pytest.approx(trained["diag_rho"], rel=1e-9)
+    assert summary["pattern"]["lengths"] == json.loads(
+        (out / "diagnostics.json").read_text())["pattern"]["lengths"]
 
     import diagnose
 
@@ -310,7 +315,9 @@ def test_diagnose_cli(diagnosed_runs, tmp_path, monkeypatch, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     for args, fragment in [(["--checkpoint", str(tmp_path / "missing.pt")], "not found"),
-                           (["--checkpoint", str(bad)], "cannot be loaded safely"),
+                           (["--checkpoint", str(bad)], "is not an rnnlm checkpoint"),
+                           (["--checkpoint", str(checkpoint), "--set", "model.hidden_size=3"],
+                            "cannot change"),
                            (["--figure", "gradients", "--runs", str(tmp_path)], "--out"),
                            (["--figure", "gradients", "--runs", str(tmp_path / "nope"),
                              "--out", str(fig)], "not found")]:
@@ -319,5 +326,5 @@ def test_diagnose_cli(diagnosed_runs, tmp_path, monkeypatch, capsys):
     # through the real entry point: one line on stderr, exit code 2
     done = subprocess.run([sys.executable, "diagnose.py", "--checkpoint", str(bad)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "cannot be loaded safely" in done.stderr
+    assert done.returncode == 2 and "is not an rnnlm checkpoint" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1

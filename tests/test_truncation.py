@@ -264,3 +264,26 @@ def test_strategies_train_deterministically_through_the_trainer(strategy, extra,
                            "data.max_tokens=300", "train.epochs=3", "train.predict_every=0"])
     train(regular, quiet=True)
     assert runs[0] != [(r["train_loss"], r["grad_norm"]) for r in _metrics(tmp_path / "r")]
+
+
+@pytest.mark.parametrize("strategy", ["randomized", "variable_length"])
+def test_stopped_mid_epoch_and_resumed_equals_uninterrupted(strategy, data_dir, tmp_path):
+    """xi is seeded by the absolute batch index and the variable cuts are replayed from the
+    epoch's generator, so a run stopped inside an epoch resumes bit for bit."""
+    from rnnlm.interrupts import TrainingInterrupted
+    from tests.test_resume import StopAfter, records, resume
+
+    def cfg(out):
+        return load_config(ROOT / "configs/tiny.yaml",
+                           [f"data.data_dir={data_dir}", f"out_dir={out}", "train.epochs=3",
+                            f"train.truncation={strategy}", "train.variable_length_min=3",
+                            "data.max_tokens=500", "train.predict_every=0",
+                            "train.threads=1"])
+
+    train(cfg(tmp_path / "whole"), quiet=True)
+    whole = records(tmp_path / "whole")
+    with pytest.raises(TrainingInterrupted) as info:
+        train(cfg(tmp_path / "stopped"), quiet=True, stop=StopAfter(whole[1]["step"] + 5))
+    assert info.value.epoch == 2 and info.value.batch > 0  # inside the third epoch
+    resume(tmp_path / "stopped")
+    assert records(tmp_path / "stopped") == whole
