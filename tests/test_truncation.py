@@ -270,6 +270,7 @@ def test_strategies_train_deterministically_through_the_trainer(strategy, extra,
 def test_stopped_mid_epoch_and_resumed_equals_uninterrupted(strategy, data_dir, tmp_path):
     """xi is seeded by the absolute batch index and the variable cuts are replayed from the
     epoch's generator, so a run stopped inside an epoch resumes bit for bit."""
+    from rnnlm.checkpoint import CheckpointError
     from rnnlm.interrupts import TrainingInterrupted
     from tests.test_resume import StopAfter, records, resume
 
@@ -285,5 +286,8 @@ def test_stopped_mid_epoch_and_resumed_equals_uninterrupted(strategy, data_dir, 
     with pytest.raises(TrainingInterrupted) as info:
         train(cfg(tmp_path / "stopped"), quiet=True, stop=StopAfter(whole[1]["step"] + 5))
     assert info.value.epoch == 2 and info.value.batch > 0  # inside the third epoch
+    other = "regular" if strategy == "variable_length" else "variable_length"
+    with pytest.raises(CheckpointError, match="train.truncation"):  # cuts would move
+        resume(tmp_path / "stopped", f"train.truncation={other}")
     resume(tmp_path / "stopped")
     assert records(tmp_path / "stopped") == whole
