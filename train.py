@@ -26,8 +26,10 @@ def main() -> int:
                      "one (not both: on resume, change settings with --set)")
 
     # after argparse, so --help is instant
+    from rnnlm.auto_resume import plan as auto_resume_plan
     from rnnlm.checkpoint import load_checkpoint, resume_config
     from rnnlm.config import load_config
+    from rnnlm.distributed import is_main_process
     from rnnlm.interrupts import TrainingInterrupted
     from rnnlm.trainer import train
 
@@ -39,7 +41,17 @@ def main() -> int:
                   overwrite=args.overwrite)
         else:
             cfg = load_config(args.config, args.set)
-            train(cfg, quiet=args.quiet, overwrite=args.overwrite)
+            overwrite, ckpt, ckpt_path = args.overwrite, None, None
+            if cfg.train.auto_resume:
+                plan = auto_resume_plan(cfg, args.overwrite)
+                if plan.done:
+                    if is_main_process():
+                        print(f"{plan.path} has already completed train.epochs="
+                              f"{cfg.train.epochs}: nothing left to train", file=sys.stderr)
+                    return 0
+                overwrite, ckpt, ckpt_path = plan.overwrite, plan.checkpoint, plan.path
+            train(cfg, quiet=args.quiet, overwrite=overwrite, resume=ckpt,
+                  resume_path=ckpt_path)
     except TrainingInterrupted as stop:
         if stop.checkpoint is not None:  # None on the other ranks of a DDP job
             where = f"in epoch {stop.epoch + 1} after batch {stop.batch}" if stop.batch else \

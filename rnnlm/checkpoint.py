@@ -204,30 +204,38 @@ def resume_config(ckpt: dict, overrides: list[str] | tuple[str, ...], path: str 
     """
     path = Path(path)
     saved = checkpoint_config(ckpt, str(path))
-    progress = ckpt["progress"]
     keys = [parse_override(item)[0] for item in overrides]
     cfg = config_from_dict(saved.to_dict(), overrides, source=f"--set (resuming {path})")
+    check_resume_changes(ckpt, saved, cfg, keys, path, how="--set ")
+    if "out_dir" not in keys:
+        cfg.out_dir = str(path.parent)
+    return cfg
+
+
+def check_resume_changes(ckpt: dict, saved: Config, cfg: Config, keys, path: Path,
+                         how: str) -> None:
+    """Refuse changes (`keys`, dotted) from the checkpoint's config `saved` to `cfg` that a
+    resumed run cannot make, and a run that has nothing left to train; `how` says where the
+    change came from in the message ("--set " or the config file's name)."""
+    progress = ckpt["progress"]
     old, new = saved.to_dict(), cfg.to_dict()
     for key in keys:
         before, after = _dotted(old, key), _dotted(new, key)
         if before == after:
             continue
         if key in FROZEN_ON_RESUME:
-            raise CheckpointError(f"--set {key}={after!r}: {path} was trained with {key}="
+            raise CheckpointError(f"{how}{key}={after!r}: {path} was trained with {key}="
                                   f"{before!r}, and resuming cannot change the model, its "
                                   f"vocabulary or the optimizer; start a new run with "
                                   f"--config instead")
         if progress.get("batch", 0) and key in STREAM_KEYS:
-            raise CheckpointError(f"--set {key}={after!r}: {path} stopped inside epoch "
+            raise CheckpointError(f"{how}{key}={after!r}: {path} stopped inside epoch "
                                   f"{progress['epoch'] + 1}, and its position only fits the old "
                                   f"{key}={before!r}; resume without changing it")
-    if "out_dir" not in keys:
-        cfg.out_dir = str(path.parent)
     if cfg.train.epochs <= progress["epoch"]:
         raise CheckpointError(f"{path} has already completed {progress['epoch']} of "
                               f"train.epochs={cfg.train.epochs} epochs: pass --set "
                               f"train.epochs=N with N > {progress['epoch']} to train further")
-    return cfg
 
 
 def _dotted(tree: dict, key: str):

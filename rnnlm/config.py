@@ -73,6 +73,9 @@ class TrainConfig:
     variable_length_min: int = 5  # variable_length: shortest window drawn
     diagnostics: bool = False  # gradient-flow measurements into metrics.jsonl + plots
     diagnostics_every: int = 1  # epochs between diagnostic measurements
+    # Continue from out_dir/last.pt when it exists (else start fresh): what lets
+    # `torchrun --max-restarts=K` recover from a lost worker by itself (auto_resume.py).
+    auto_resume: bool = False
 
 
 @dataclass

@@ -48,6 +48,11 @@ class DistContext:
         return self.rank == 0
 
 
+def is_main_process(environ=None) -> bool:
+    """Whether this process is rank 0 (or alone), before any process group exists."""
+    return context_from_env(environ).is_main
+
+
 def _env_int(environ, name: str, default: int) -> int:
     text = environ.get(name)
     if text is None:
@@ -122,11 +127,21 @@ def process_group(ctx: DistContext, device: torch.device) -> Iterator[None]:
         dist.init_process_group("nccl", rank=ctx.rank, world_size=ctx.world_size,
                                 device_id=device)
     else:
-        dist.init_process_group("gloo", rank=ctx.rank, world_size=ctx.world_size)
+        dist.init_process_group("gloo", store=_attempt_store(), rank=ctx.rank,
+                                world_size=ctx.world_size)
     try:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def _attempt_store():
+    """torchrun's rendezvous store, its keys prefixed by the restart count: after
+    `--max-restarts` restarted the workers, gloo would otherwise find the addresses the
+    lost workers published in the same store and wait forever to connect to them."""
+    store, _, _ = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"rnnlm/attempt_{attempt}/", store)
 
 
 def is_distributed() -> bool:
@@ -207,6 +222,18 @@ def shard_lanes(state: tuple[torch.Tensor, ...], ctx: DistContext) -> tuple[torc
 
 # ---------------------------------------------------------------------------- stopping
 
+# torchrun forwards a Ctrl-C to its workers, which can then see it twice in quick succession;
+# a repeat this soon is not the user's "second Ctrl-C, quit at once" (see interrupts.py).
+SIGNAL_REPEAT_WINDOW_S = 0.5
+
+
+def signal_repeat_window_s(environ=None) -> float:
+    """How long a repeated signal counts as the same one: only under torchrun (which sets
+    TORCHELASTIC_RUN_ID), where the launcher's forwarding can duplicate it."""
+    environ = os.environ if environ is None else environ
+    return SIGNAL_REPEAT_WINDOW_S if "TORCHELASTIC_RUN_ID" in environ else 0.0
+
+
 
 class StopAgreement:
     """Lets all ranks stop after the same step when any of them was asked to (Ctrl-C or
@@ -255,6 +282,16 @@ class FaultInjector:
             rank, step, marker = spec.split(":", 2)
             if int(rank) == ctx.rank and not os.path.exists(marker):
                 self.step_to_die, self.marker = int(step), marker
+
+    def wrap(self, step):
+        """`step` (a trainer batch step) that first counts itself here, when armed."""
+        if self.step_to_die is None:
+            return step
+
+        def counted_step(*args, **kwargs):
+            self.step()
+            return step(*args, **kwargs)
+        return counted_step
 
     def step(self) -> None:
         self.steps += 1

@@ -6,6 +6,10 @@ with 128 + the signal number (130 for SIGINT, 143 for SIGTERM). A second signal 
 by raising SystemExit wherever the program is: a checkpoint write in progress is abandoned
 and its temporary file removed, and the previous checkpoint stays intact because writes are
 atomic (see checkpoint.py).
+
+Under torchrun the launcher forwards the user's Ctrl-C to every worker, and a worker may
+receive it twice within a fraction of a second; `repeat_window_s` makes such a repeat of the
+same signal count as the first one rather than as a second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -59,17 +64,22 @@ def _note(text: str) -> None:
 
 
 @contextmanager
-def stop_on_signals(request: StopRequest) -> Iterator[StopRequest]:
+def stop_on_signals(request: StopRequest, repeat_window_s: float = 0.0,
+                    ) -> Iterator[StopRequest]:
     """Install SIGINT/SIGTERM handlers that set `request` (first signal) or quit (second);
-    the previous handlers come back on exit. Outside the main thread Python cannot install
-    handlers, so the request then only changes if someone sets it."""
+    the same signal again within `repeat_window_s` seconds of the first is a repeat of it
+    and ignored. The previous handlers come back on exit. Outside the main thread Python
+    cannot install handlers, so the request then only changes if someone sets it."""
     if threading.current_thread() is not threading.main_thread():
         yield request
         return
+    first_at = [0.0]
 
     def handle(signum, frame):
+        if request.signum == signum and time.monotonic() - first_at[0] < repeat_window_s:
+            return  # the same Ctrl-C delivered twice (torchrun forwarding), not a second one
         if request.signum is None:
-            request.signum = signum
+            request.signum, first_at[0] = signum, time.monotonic()
             _note(f"\n{signal.Signals(signum).name} received: finishing the current batch, "
                   f"then saving last.pt (Ctrl-C again quits at once)\n")
         else:

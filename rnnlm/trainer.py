@@ -288,7 +288,8 @@ def train(cfg: Config, quiet: bool = False, out=sys.stdout, resume: dict | None 
     own_stop = stop is None
     stop = StopRequest() if own_stop else stop
     with distributed.process_group(ctx, device), \
-            (stop_on_signals(stop) if own_stop else nullcontext(stop)):
+            (stop_on_signals(stop, distributed.signal_repeat_window_s())
+             if own_stop else nullcontext(stop)):
         return run_training(cfg, ctx, device, quiet or not ctx.is_main, out, resume,
                             resume_path, overwrite, stop)
 
@@ -303,6 +304,7 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
             raise ConfigError(f"train.batch_shards: {cfg.train.batch_shards} splits batches "
                               f"across CPU cores; on {device.type} use 1")
         batch_step = ShardedForwardBackward(cfg.train.batch_shards)
+    train_step = distributed.FaultInjector(ctx).wrap(batch_step)  # itself unless testing
     set_threads(cfg)
     seed_everything(cfg.seed)
     corpus = load_corpus(cfg.data)
@@ -399,7 +401,7 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
             result = train_epoch(train_model, batches.epoch(epoch, start_batch=partial.batches
                                                             if partial else 0),
                                  optimizer, cfg.train.clip_norm, batches.carries_state, device,
-                                 batch_step, start=partial, stop=agreement,
+                                 train_step, start=partial, stop=agreement,
                                  truncation=truncation, epoch=epoch)
             partial = None
             if not result.complete:
