@@ -201,3 +201,8 @@ def test_fault_injector_kills_once(tmp_path, monkeypatch):
     for _ in range(5):
         restarted.step()
     assert exits == [17]  # the marker keeps the restarted rank alive
+
+
+def test_signal_repeats_are_merged_only_under_torchrun():
+    assert distributed.signal_repeat_window_s({}) == 0.0
+    assert distributed.signal_repeat_window_s({"TORCHELASTIC_RUN_ID": "x"}) > 0.1

@@ -218,3 +218,22 @@ def test_second_ctrl_c_quits_at_once_mid_write(tmp_path, data_dir):
         assert (out / name).read_bytes() == content
         assert load_checkpoint(out / name)["progress"]["epoch"] == 1
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_quick_repeat_of_the_same_signal_is_one_ctrl_c():
+    """torchrun may deliver one Ctrl-C twice: within the window it is not a second one."""
+    from rnnlm.interrupts import stop_on_signals
+
+    request = StopRequest()
+    with stop_on_signals(request, repeat_window_s=30.0):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # a repeat: no SystemExit
+        assert request.signum == signal.SIGINT
+        with pytest.raises(SystemExit) as info:
+            os.kill(os.getpid(), signal.SIGTERM)  # another signal still quits at once
+    assert info.value.code == 143
+    request = StopRequest()
+    with stop_on_signals(request):  # alone (no torchrun): a second Ctrl-C quits
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(SystemExit):
+            os.kill(os.getpid(), signal.SIGINT)

@@ -1,6 +1,7 @@
 """train.py as torchrun's entry point, with two probes for tests/test_ddp_resume.py.
 
-RNNLM_PROBE_SAVES=FILE   every checkpoint write appends "RANK NAME EPOCH BATCH" to FILE.
+RNNLM_PROBE_SAVES=FILE   every checkpoint write appends "RANK NAME EPOCH BATCH" to FILE, and
+                         each rank's exit "RANK exit CODE".
 RNNLM_PROBE_PAUSE=STEP   rank 0 prints PAUSED to stderr at its STEP-th training step and waits
                          there (at most 60 s) until a SIGINT or SIGTERM has reached it, so a
                          test can press Ctrl-C at a known step.
@@ -65,4 +66,10 @@ if os.environ.get("RNNLM_PROBE_SAVES"):
 if os.environ.get("RNNLM_PROBE_PAUSE") and RANK == "0":
     pause_at(int(os.environ["RNNLM_PROBE_PAUSE"]))
 sys.argv = [str(ROOT / "train.py"), *sys.argv[1:]]
-runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+try:
+    runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+except SystemExit as done:
+    if os.environ.get("RNNLM_PROBE_SAVES"):
+        with open(os.environ["RNNLM_PROBE_SAVES"], "a", encoding="utf-8") as f:
+            f.write(f"{RANK} exit {done.code}\n")
+    raise
