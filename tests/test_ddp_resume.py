@@ -94,7 +94,8 @@ def test_lost_worker_is_recovered_by_auto_resume(data_dir, reference, tmp_path, 
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert marker.read_text() == f"killed at step {die_at}\n"
-    assert f"resumed {out / 'last.pt'} at epoch 2, batch {partial['batch']}" in proc.stdout
+    assert f"resumed {out / 'last.pt'} in epoch 2 after batch {partial['batch']} " in proc.stdout, \
+        proc.stdout
     assert f"resumed {out / 'last.pt'} at the end of epoch 2" in proc.stdout
     assert_same_run(read_metrics(out), want)
 
