@@ -12,6 +12,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +21,15 @@ import torch
 from tqdm import tqdm
 
 from rnnlm import distributed
+from rnnlm.averaging import WeightAverage
 from rnnlm.config import Config, ConfigError, dump_yaml
 from rnnlm.data import PREPROCESSORS, Corpus, load_corpus
+from rnnlm.evaluate import BestWeights, evaluate
 from rnnlm.iterators import BatchIterator
 from rnnlm.models import LanguageModel, build_model, detach_state
+from rnnlm.plots import plot_perplexity
 from rnnlm.sampling import predict_greedy
+from rnnlm.schedules import EarlyStopping, LRSchedule
 from rnnlm.shards import ShardedForwardBackward, forward_backward
 
 
@@ -110,7 +115,8 @@ def synchronize(device: torch.device) -> None:
 
 def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | None,
                 carry_state: bool, device: torch.device,
-                step=forward_backward) -> EpochResult:
+                step=forward_backward,
+                on_step: Callable[[], None] | None = None) -> EpochResult:
     """One pass over the data, D2L's train_epoch_ch8.
 
     carry_state=True (sequential iteration): the state is created at the first batch,
@@ -119,6 +125,7 @@ def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | Non
     `step` computes the loss and the gradients of one batch (shards.py).
     Under DDP `model` is the wrapped model and `batches` this rank's share; the returned
     loss, tokens and time are totals over all ranks (the same on every rank).
+    on_step, when given, runs after every optimizer step (e.g. to update a weight average).
     """
     model.train()
     core = distributed.unwrap(model)
@@ -141,6 +148,8 @@ def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | Non
         loss, state = step(model, X, Y, state)
         norm = clip_gradients(params, clip_norm)
         optimizer.step()
+        if on_step is not None:
+            on_step()
         n = Y.numel()
         loss_sum += loss.detach() * n
         norm_sum += norm.detach()
@@ -185,7 +194,8 @@ class MetricsLog:
 
 
 def train(cfg: Config, quiet: bool = False, out=sys.stdout) -> dict:
-    """Run a whole training job from a config; returns the last epoch's record.
+    """Run a whole training job from a config; returns the last epoch's record (with the
+    best validation and the test metrics when the data is split).
 
     Under torchrun this process is one rank of a data-parallel job (rnnlm.distributed);
     alone it is the whole job."""
@@ -207,12 +217,18 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
     set_threads(cfg)
     seed_everything(cfg.seed)
     corpus = load_corpus(cfg.data)
-    batches = BatchIterator(corpus.ids, cfg.data.batch_size, cfg.data.num_steps,
+    splits = corpus.splits
+    batches = BatchIterator(splits.train, cfg.data.batch_size, cfg.data.num_steps,
                             cfg.data.iterator, seed=cfg.seed, rank=ctx.rank,
                             world_size=ctx.world_size)
     model = build_model(cfg.model, len(corpus.vocab)).to(device)
     distributed.seed_rank_streams(cfg.seed, ctx)
     optimizer = make_optimizer(cfg, model)
+    schedule = LRSchedule(cfg.train, optimizer)
+    stopper = EarlyStopping(cfg.train.early_stop_patience)
+    average = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    scored = average.model if average is not None else model  # what evaluation scores
+    best = BestWeights()
     prompt = prefix_ids(corpus, cfg.train.prefix)
     train_model = model
     if device.type == "cuda" and cfg.train.cuda_graphs:
@@ -226,6 +242,7 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
         metrics = MetricsLog(out_dir / "metrics.jsonl")
+    plot_path, plot_title = out_dir / "perplexity.png", f"{cfg.model.kind} ({out_dir.name})"
 
     def say(line: str) -> None:
         if not quiet:
@@ -233,9 +250,13 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
 
     n_params = sum(p.numel() for p in model.parameters())
     say(f"{cfg.model.kind}: {n_params:,} parameters, vocabulary {len(corpus.vocab)}, "
-        f"{len(corpus):,} tokens from {corpus.source} ({corpus.preprocess}), "
+        f"{len(corpus):,} tokens from {corpus.source} ({corpus.preprocess}"
+        f"{', cached' if corpus.from_cache else ''}), "
         f"{cfg.data.iterator} iteration, device {device}"
         + (f", {ctx.world_size} processes (DDP)" if ctx.enabled else ""))
+    if cfg.data.split is not None:
+        parts = {"train": splits.train, **splits.heldout()}
+        say("split: " + ", ".join(f"{name} {len(ids):,}" for name, ids in parts.items()))
 
     show_bar = not quiet and out.isatty()
     bar = tqdm(range(cfg.train.epochs), disable=not show_bar, unit="epoch", file=out,
@@ -243,9 +264,11 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
     wall_start = time.perf_counter()
     step = 0
     record: dict = {}
+    records: list[dict] = []
+    on_step = (lambda: average.update(model)) if average is not None else None
     for epoch in bar:
         result = train_epoch(train_model, batches.epoch(epoch), optimizer, cfg.train.clip_norm,
-                             batches.carries_state, device, batch_step)
+                             batches.carries_state, device, batch_step, on_step=on_step)
         step += result.batches
         record = {
             "epoch": epoch + 1, "step": step,
@@ -253,26 +276,68 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
             "train_bpc": result.loss / math.log(2),
             "tokens_per_s": result.tokens_per_s, "grad_norm": result.grad_norm,
             "clipped_frac": result.clipped_frac, "lr": optimizer.param_groups[0]["lr"],
-            "epoch_s": result.seconds, "wall_s": time.perf_counter() - wall_start,
-            "tokens": result.tokens,
+            "epoch_s": result.seconds, "tokens": result.tokens,
         }
+        every, last = cfg.train.eval_every, epoch + 1 == cfg.train.epochs
+        evaluating = last or (every > 0 and (epoch + 1) % every == 0)
+        stop = False
+        if evaluating and splits.val is not None:
+            # Every rank evaluates the same weights on the whole split, so every rank takes
+            # the same best-weights, schedule and stopping decisions without talking.
+            val = evaluate(scored, splits.val, cfg.data.eval_lanes, device)
+            record.update(val.as_record("val"))
+            best.offer(val.ppl, epoch + 1, scored)
+            stop = stopper.should_stop(val.ppl)
+            say(f"epoch {epoch + 1:>4}  train ppl {result.ppl:8.3f}  val ppl {val.ppl:8.3f}  "
+                f"val bpc {val.bpc:6.3f}  lr {record['lr']:.3g}")
+        schedule.after_epoch(record.get("val_ppl"))
+        record["wall_s"] = time.perf_counter() - wall_start
+        records.append(record)
         if metrics is not None:
             metrics.write(record)
+            if evaluating:
+                plot_perplexity(records, plot_path, plot_title)
         bar.set_postfix(ppl=f"{result.ppl:.2f}", tok_s=f"{result.tokens_per_s:,.0f}")
         every = cfg.train.predict_every
         if every and (epoch + 1) % every == 0 and epoch + 1 < cfg.train.epochs and not quiet:
             say(f"epoch {epoch + 1:>4}  ppl {result.ppl:8.3f}  grad {result.grad_norm:6.3f}  "
                 f"{result.tokens_per_s:>9,.0f} tok/s  | "
                 f"{predict_greedy(model, corpus.vocab, prompt, cfg.train.predict_chars)}")
+        if stop:
+            say(f"early stop after epoch {epoch + 1}: validation perplexity has not improved "
+                f"for {stopper.bad_evaluations} evaluations (best {best.ppl:.3f} at epoch "
+                f"{best.epoch})")
+            break
     bar.close()
     if isinstance(batch_step, ShardedForwardBackward):
         batch_step.close()
     if not ctx.is_main:
         return record
+    plot_perplexity(records, plot_path, plot_title)
 
     final_text = predict_greedy(model, corpus.vocab, prompt, cfg.train.predict_chars)
+    if splits.val is not None:
+        say(f"best validation perplexity {best.ppl:.3f} (bpc {math.log2(best.ppl):.3f}) at "
+            f"epoch {best.epoch}")
+        record["best_val_ppl"], record["best_epoch"] = best.ppl, best.epoch
+    if splits.test is not None:
+        record.update(score_test_split(scored, best, splits.test, cfg, device, metrics, say))
     print(final_text, file=out)
     print(f"perplexity {record['train_ppl']:.1f}, {record['tokens_per_s']:.1f} tokens/sec "
           f"on {device}", file=out)
     record["prediction"] = final_text
     return record
+
+
+def score_test_split(scored: LanguageModel, best: BestWeights, test_ids, cfg: Config,
+                      device: torch.device, metrics: MetricsLog, say) -> dict:
+    """Evaluate the test split once, on the weights with the best validation perplexity
+    (the final weights when there is no validation split), and log one `test` record."""
+    if best.state is not None:
+        scored.load_state_dict(best.state)
+    result = evaluate(scored, test_ids, cfg.data.eval_lanes, device)
+    weights = f"epoch {best.epoch}" if best.epoch is not None else "final"
+    say(f"test perplexity {result.ppl:.3f} (bpc {result.bpc:.3f}) with the {weights} weights")
+    record = {"event": "test", "weights_epoch": best.epoch, **result.as_record("test")}
+    metrics.write(record)
+    return {k: v for k, v in record.items() if k.startswith("test_")}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from rnnlm.models.base import LanguageModel, State
 
@@ -10,15 +12,24 @@ from rnnlm.models.base import LanguageModel, State
 class TorchRecurrentLM(LanguageModel):
     layer_class: type[nn.RNNBase] = nn.RNN
 
-    def __init__(self, vocab_size, hidden_size, num_layers=1, dropout=0.0, embedding_dim=None):
-        super().__init__(vocab_size, hidden_size, num_layers, dropout, embedding_dim)
+    def __init__(self, vocab_size, hidden_size, num_layers=1, dropout=0.0, **options):
+        super().__init__(vocab_size, hidden_size, num_layers, dropout, **options)
         self.rnn = self.layer_class(self.input_size, hidden_size, num_layers=num_layers,
                                     dropout=dropout if num_layers > 1 else 0.0)
 
     def core(self, x, state: State):
         if self.embedding is None:
             x = self.one_hot(x)
-        outputs, new = self.rnn(x, state if self.state_size == 2 else state[0])
+        state_in = state if self.state_size == 2 else state[0]
+        if self.training and self.weight_dropout > 0:
+            # DropConnect: the layer runs once with dropped copies of its recurrent weights
+            # (gradients flow back to the originals), one mask for the whole window.
+            dropped = {f"weight_hh_l{k}": F.dropout(getattr(self.rnn, f"weight_hh_l{k}"),
+                                                    self.weight_dropout)
+                       for k in range(self.num_layers)}
+            outputs, new = functional_call(self.rnn, dropped, (x, state_in))
+        else:
+            outputs, new = self.rnn(x, state_in)
         return outputs, (new if self.state_size == 2 else (new,))
 
 
