@@ -199,3 +199,31 @@ def test_heldout_presets():
             assert cfg.model.kind == kind and cfg.data.preprocess == preprocess
             assert cfg.data.split == [0.9, 0.05, 0.05] and cfg.data.max_tokens is None
             assert cfg.out_dir == f"runs/heldout_{kind}{suffix}"
+
+
+def test_two_processes_evaluate_like_one(data_dir, tmp_path, monkeypatch):
+    """Under DDP every rank scores the whole held-out split with the same weights: the
+    validation and test numbers of a 2-process run equal the 1-process ones."""
+    import subprocess
+
+    from tests.test_distributed import TORCHRUN, single_process_env
+
+    overrides = [f"data.data_dir={data_dir}", "train.epochs=2", "train.threads=1",
+                 "model.kind=gru", "data.split=[0.8,0.1,0.1]", "train.ema_decay=0.9",
+                 "train.lr_schedule=cosine"]
+    flat = [a for o in overrides for a in ("--set", o)]
+    proc = subprocess.run(
+        [*TORCHRUN, "--nproc_per_node=2", "train.py", "--config", "configs/tiny.yaml", *flat,
+         "--set", f"out_dir={tmp_path / 'ddp'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, env=single_process_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    train(load_config(ROOT / "configs/tiny.yaml", [*overrides, f"out_dir={tmp_path / 'one'}"]),
+          quiet=True)
+    ddp, one = read_records(tmp_path / "ddp"), read_records(tmp_path / "one")
+    assert len(ddp) == len(one) == 3 and ddp[-1]["event"] == "test"
+    for a, b in zip(ddp, one):
+        for key in ("val_loss", "test_loss", "lr"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), key
