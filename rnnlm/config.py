@@ -74,8 +74,9 @@ class TrainConfig:
     batch_shards: int = 1
     # On CUDA, replay each batch's forward and backward from captured CUDA graphs.
     cuda_graphs: bool = True
-    # held-out evaluation (needs data.split) and the perplexity plot: every eval_every epochs
-    # and after the last one; 0 = only after the last one
+    # validation passes (needs data.split): every eval_every epochs and after the last one;
+    # 0 = only after the last one. out_dir/perplexity.png is redrawn after each pass
+    # (without a validation split: every predict_every epochs) and at the end.
     eval_every: int = 1
     lr_schedule: Literal["none", "step", "cosine", "plateau"] = "none"
     lr_step_size: int = 10  # step: epochs between two decays

@@ -293,13 +293,16 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
         schedule.after_epoch(record.get("val_ppl"))
         record["wall_s"] = time.perf_counter() - wall_start
         records.append(record)
+        every = cfg.train.predict_every
+        progress = every and (epoch + 1) % every == 0 and epoch + 1 < cfg.train.epochs
         if metrics is not None:
             metrics.write(record)
-            if evaluating:
+            # The plot follows the validation passes; without validation, the progress lines
+            # (a redraw every epoch would cost a book run more than its training).
+            if "val_ppl" in record or (splits.val is None and progress):
                 plot_perplexity(records, plot_path, plot_title)
         bar.set_postfix(ppl=f"{result.ppl:.2f}", tok_s=f"{result.tokens_per_s:,.0f}")
-        every = cfg.train.predict_every
-        if every and (epoch + 1) % every == 0 and epoch + 1 < cfg.train.epochs and not quiet:
+        if progress and not quiet:
             say(f"epoch {epoch + 1:>4}  ppl {result.ppl:8.3f}  grad {result.grad_norm:6.3f}  "
                 f"{result.tokens_per_s:>9,.0f} tok/s  | "
                 f"{predict_greedy(model, corpus.vocab, prompt, cfg.train.predict_chars)}")
