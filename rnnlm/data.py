@@ -196,16 +196,31 @@ def tokenize(text: str, preprocess: str) -> tuple[np.ndarray, Vocab]:
 
 def tokenize_files(files: list[Path], preprocess: str, encoding_errors: str,
                    cache_dir: Path | None) -> tuple[np.ndarray, Vocab, bool]:
-    """Token ids (mapped from the cache when it holds them), vocabulary, and whether the
-    cache answered. Without a cache directory the ids are built in memory."""
-    key = None
-    if cache_dir is not None:
-        key = cache_key(content_hash(files), preprocess, encoding_errors)
-        entry = read_entry(cache_dir, key)
-        if entry is not None:
-            ids, meta = entry
-            return ids, Vocab(meta["vocab"]), True
+    """Token ids, vocabulary, and whether the cache already held them.
 
+    With a cache directory the ids come back memory-mapped from it (written first when
+    missing); without one they are built in memory and nothing is written.
+    """
+    if cache_dir is None:
+        ids, vocab = _tokenize(files, preprocess, encoding_errors, sink=None)
+        return ids, vocab, False
+    key = cache_key(content_hash(files), preprocess, encoding_errors)
+    entry = read_entry(cache_dir, key)
+    from_cache = entry is not None
+    if not from_cache:
+        _tokenize(files, preprocess, encoding_errors, sink=(cache_dir, key))
+        entry = read_entry(cache_dir, key)
+        if entry is None:
+            raise DataError(f"the token cache in {cache_dir} could not be read back: delete "
+                            f"{cache_dir / key}.* and run again")
+    ids, meta = entry
+    return ids, Vocab(meta["vocab"]), from_cache
+
+
+def _tokenize(files: list[Path], preprocess: str, encoding_errors: str,
+              sink: tuple[Path, str] | None) -> tuple[np.ndarray | None, Vocab]:
+    """The two passes: count (-> vocabulary), then encode into memory (sink None, returns the
+    ids) or into the cache entry `sink` = (directory, key) (returns None for the ids)."""
     def blocks():
         return block_code_points(files, preprocess, encoding_errors)
 
@@ -216,7 +231,7 @@ def tokenize_files(files: list[Path], preprocess: str, encoding_errors: str,
     dtype = smallest_uint(len(vocab))
     table = lookup_table(vocab.tokens, dtype)
     try:
-        if key is None:
+        if sink is None:
             ids = np.empty(counts.total, dtype=dtype)
             filled = 0
 
@@ -226,24 +241,21 @@ def tokenize_files(files: list[Path], preprocess: str, encoding_errors: str,
                 filled += len(part)
 
             encode_blocks(blocks(), table, counts.total, into_array)
-            return ids, vocab, False
+            return ids, vocab
+        cache_dir, key = sink
         meta = {"format": CACHE_FORMAT, "dtype": np.dtype(dtype).name, "length": counts.total,
                 "vocab": vocab.tokens, "preprocess": preprocess,
                 "encoding_errors": encoding_errors, "sources": [str(f) for f in files]}
         try:
-            write_entry(cache_dir, key, meta, lambda f: encode_blocks(blocks(), table,
-                                                                      counts.total, f.write))
+            write_entry(cache_dir, key, meta,
+                        lambda f: encode_blocks(blocks(), table, counts.total, f.write))
         except OSError as exc:
             raise DataError(f"cannot write the token cache in {cache_dir} ({exc.strerror}): "
                             f"set data.cache: false, or a writable data.data_dir") from None
+        return None, vocab
     except ChangedWhileReading:
         raise DataError(f"{files[0] if len(files) == 1 else 'a file of data.path'} changed "
                         f"while it was being read: run again once it is stable") from None
-    entry = read_entry(cache_dir, key)
-    if entry is None:
-        raise DataError(f"the token cache in {cache_dir} could not be read back: delete "
-                        f"{cache_dir / key}.* and run again")
-    return entry[0], vocab, False
 
 
 def corpus_files(cfg: DataConfig) -> list[Path]:

@@ -130,3 +130,23 @@ def test_unwritable_cache_is_a_clear_error(tmp_path):
     (tmp_path / "d" / "cache").write_text("a file where the cache folder should be")
     with pytest.raises(DataError, match="data.cache: false"):
         load_corpus(cfg(path, tmp_path))
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_file_changing_between_the_passes_is_refused(tmp_path, monkeypatch, cache):
+    path = tmp_path / "t.txt"
+    path.write_text(TEXT)
+    real = rnnlm.data.block_code_points
+    passes = []
+
+    def growing(*args):
+        passes.append(1)
+        yield from real(*args)
+        if len(passes) == 2:  # the encode pass sees one more block than the count pass did
+            yield from real(*args)
+
+    monkeypatch.setattr(rnnlm.data, "block_code_points", growing)
+    with pytest.raises(DataError, match="changed while it was being read"):
+        load_corpus(cfg(path, tmp_path, cache=cache))
+    if cache:  # nothing half-written is left behind
+        assert list((tmp_path / "d" / "cache").iterdir()) == []
