@@ -254,9 +254,11 @@ def write_outputs(out_dir: Path, variants, results, config, varies, sets) -> Non
     from rnnlm.plots import plot_comparison  # matplotlib only once there is something to draw
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python compare.py --config", config,
-                        *(f"--vary {v}" for v in varies), *(f"--set {s}" for s in sets)])
     seeds = sorted({r.seed for r in results})
+    command = " ".join(["python compare.py --config", config,
+                        *(f"--vary {v}" for v in varies),
+                        *([f"--seeds {len(seeds)}"] if len(seeds) > 1 else []),
+                        *(f"--set {s}" for s in sets)])
     (out_dir / "comparison.md").write_text(
         f"# Comparison\n\n`{command}` (seeds {', '.join(map(str, seeds))})\n\n"
         f"{markdown_table(variants, results)}\n\n![curves](comparison.png)\n",

@@ -82,6 +82,7 @@ def test_compare_aggregates_seeds_and_reports_failures(tmp_path, monkeypatch):
     assert {c["seed"] for c in calls} == {"0", "1"}
     assert all(c["out_dir"].startswith(str(tmp_path / "cmp")) for c in calls)
     table = (out_dir / "comparison.md").read_text()
+    assert "--vary model.kind=gru,nope --seeds 2 --set out_dir=" in table
     row = next(x for x in table.splitlines() if x.startswith("| iterator-sequential_kind-gru"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "2/2"
