@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,10 +25,18 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # None: the Time Machine (downloaded and verified when missing)
-    data_dir: str = "data"  # where the Time Machine and the token cache live
+    # None: the Time Machine (downloaded and verified when missing); else a UTF-8 text file
+    # or a folder of .txt files (read in sorted order, see rnnlm/sources.py)
+    path: str | None = None
+    data_dir: str = "data"  # where the Time Machine and the token cache (data_dir/cache) live
     preprocess: Literal["d2l", "raw"] = "d2l"
+    encoding_errors: Literal["strict", "replace"] = "strict"  # invalid UTF-8: error or U+FFFD
+    cache: bool = True  # keep token ids in data_dir/cache, memory-mapped by later runs
     max_tokens: int | None = 10000  # D2L's default; None keeps the whole corpus
+    # [train, val, test] fractions of the stream (after max_tokens), contiguous, in that
+    # order; None trains on everything and evaluates nothing (D2L)
+    split: list[float] | None = None
+    eval_lanes: int = 1  # contiguous lanes a held-out split is read in (1: one long pass)
     iterator: Literal["sequential", "random"] = "sequential"
     batch_size: int = 32
     num_steps: int = 35
@@ -45,6 +54,9 @@ class ModelConfig:
     # "auto" is manual for the scratch kinds; torch.nn kinds always use their own backward.
     backward: Literal["auto", "manual", "autograd"] = "auto"
     activation: Literal["tanh", "identity"] = "tanh"  # identity: D2L 8.7's linear RNN
+    input_dropout: float = 0.0  # on the embeddings (needs embedding_dim)
+    output_dropout: float = 0.0  # on the last layer's outputs, before the output layer
+    weight_dropout: float = 0.0  # DropConnect on the hidden-to-hidden weights, per batch
 
 
 @dataclass
@@ -76,6 +88,17 @@ class TrainConfig:
     # Continue from out_dir/last.pt when it exists (else start fresh): what lets
     # `torchrun --max-restarts=K` recover from a lost worker by itself (auto_resume.py).
     auto_resume: bool = False
+    # validation passes (needs data.split): every eval_every epochs and after the last one;
+    # 0 = only after the last one. out_dir/perplexity.png is redrawn after each pass
+    # (without a validation split: every predict_every epochs) and at the end.
+    eval_every: int = 1
+    lr_schedule: Literal["none", "step", "cosine", "plateau"] = "none"
+    lr_step_size: int = 10  # step: epochs between two decays
+    lr_gamma: float = 0.1  # step and plateau: the factor of each decay
+    lr_min: float = 0.0  # cosine: the final lr; plateau: the floor
+    plateau_patience: int = 2  # plateau: decay after more evaluations than this w/o gain
+    early_stop_patience: int | None = None  # stop after this many evaluations w/o improvement
+    ema_decay: float | None = None  # evaluate an exponential moving average of the weights
 
 
 @dataclass
@@ -232,6 +255,8 @@ def _coerce(value, hint, key: str, source: str):
 def _type_name(t) -> str:
     if typing.get_origin(t) is Literal:
         return "one of " + ", ".join(map(str, typing.get_args(t)))
+    if typing.get_origin(t) in (list, tuple):
+        return "a list"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
         t, getattr(t, "__name__", str(t)))
 
@@ -292,6 +317,52 @@ def validate(cfg: Config) -> None:
     from rnnlm.truncation import check_truncation_config  # late import, as above
 
     check_truncation_config(cfg)
+    _validate_heldout(cfg)
+
+
+def _validate_heldout(cfg: Config) -> None:
+    """Splits, evaluation, schedules, early stopping, averaging, extra dropout."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    if d.split is not None:
+        _require(len(d.split) == 3 and all(math.isfinite(f) and f >= 0 for f in d.split),
+                 f"data.split must be three fractions [train, val, test] >= 0, got {d.split}")
+        _require(d.split[0] > 0 and abs(sum(d.split) - 1.0) < 1e-6,
+                 f"data.split fractions must sum to 1 with train > 0, got {d.split}")
+    _require(d.eval_lanes >= 1, f"data.eval_lanes must be >= 1, got {d.eval_lanes}")
+    _require(0.0 <= m.input_dropout < 1.0,
+             f"model.input_dropout must be in [0, 1), got {m.input_dropout}")
+    _require(m.input_dropout == 0.0 or m.embedding_dim is not None,
+             "model.input_dropout needs model.embedding_dim (dropout on one-hot input is not "
+             "offered): set model.embedding_dim, e.g. 64")
+    _require(0.0 <= m.output_dropout < 1.0,
+             f"model.output_dropout must be in [0, 1), got {m.output_dropout}")
+    _require(0.0 <= m.weight_dropout < 1.0,
+             f"model.weight_dropout must be in [0, 1), got {m.weight_dropout}")
+    _require(t.batch_shards == 1 or m.input_dropout == m.output_dropout == m.weight_dropout == 0,
+             "train.batch_shards > 1 needs model.input_dropout, output_dropout and "
+             "weight_dropout 0: dropout draws from one random stream, which the shard threads "
+             "would race for (runs would not repeat)")
+    _require(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
+    _require(t.lr_step_size >= 1, f"train.lr_step_size must be >= 1, got {t.lr_step_size}")
+    _require(0.0 < t.lr_gamma < 1.0, f"train.lr_gamma must be in (0, 1), got {t.lr_gamma}")
+    _require(t.lr_min >= 0, f"train.lr_min must be >= 0, got {t.lr_min}")
+    _require(t.lr_schedule not in ("cosine", "plateau") or t.lr_min < t.lr,
+             f"train.lr_min ({t.lr_min}) must be below train.lr ({t.lr}) for the "
+             f"{t.lr_schedule} schedule")
+    _require(t.plateau_patience >= 0,
+             f"train.plateau_patience must be >= 0, got {t.plateau_patience}")
+    _require(t.early_stop_patience is None or t.early_stop_patience >= 1,
+             f"train.early_stop_patience must be >= 1 or null, got {t.early_stop_patience}")
+    _require(t.ema_decay is None or 0.0 < t.ema_decay < 1.0,
+             f"train.ema_decay must be in (0, 1) or null, got {t.ema_decay}")
+    has_val = d.split is not None and d.split[1] > 0
+    hint = "set data.split, e.g. [0.9, 0.05, 0.05]"
+    _require(has_val or t.lr_schedule != "plateau",
+             f"train.lr_schedule: plateau follows validation perplexity, but there is no "
+             f"validation split: {hint}")
+    _require(has_val or t.early_stop_patience is None,
+             f"train.early_stop_patience watches validation perplexity, but there is no "
+             f"validation split: {hint}")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -1,7 +1,9 @@
 """Corpus loading: the Time Machine (downloaded and verified), preprocessing, vocabulary.
 
-Tokenising is vectorised with NumPy over Unicode code points: a character-level corpus of
-any size becomes an integer array without a Python loop over characters.
+`load_corpus` turns a data config into token ids: the text (the Time Machine, one file or a
+folder of `.txt` files, see `sources.py`) is tokenised without a Python loop over characters
+(see `tokens.py`), cached on disk as a memory-mapped id file, cut to `data.max_tokens`, and
+split into train / validation / test parts (see `splits.py`).
 """
 
 from __future__ import annotations
@@ -17,16 +19,27 @@ from pathlib import Path
 
 import numpy as np
 
-from rnnlm.config import ConfigError, DataConfig
+from rnnlm.config import DataConfig
+from rnnlm.sources import DataError, content_hash, list_source_files
+from rnnlm.splits import Splits, check_heldout_lengths, split_ids
+from rnnlm.tokens import (
+    CACHE_FORMAT,
+    ChangedWhileReading,
+    CharCounts,
+    block_code_points,
+    cache_key,
+    d2l_code_points,
+    encode_blocks,
+    lookup_table,
+    raw_code_points,
+    read_entry,
+    write_entry,
+)
 
 TIME_MACHINE_URL = "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"
 TIME_MACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 TIME_MACHINE_FILE = "timemachine.txt"
 UNK = "<unk>"
-
-
-class DataError(ConfigError):
-    """A user-facing data problem (missing file, bad checksum, corpus too short)."""
 
 
 # ---------------------------------------------------------------------------- the text
@@ -76,20 +89,6 @@ def ensure_time_machine(data_dir: str | Path, url: str = TIME_MACHINE_URL,
     return target
 
 
-def read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read data.path {path}: {exc.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not valid UTF-8 (byte offset {exc.start}): convert it "
-                        f"to UTF-8") from None
-    # Universal newlines, as Python's text mode (and so D2L's readlines) gives them.
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
 # ---------------------------------------------------------------------------- preprocessing
 
 
@@ -133,13 +132,13 @@ class Vocab:
         return isinstance(other, Vocab) and self.tokens == other.tokens
 
     @classmethod
-    def build(cls, cps: np.ndarray, order: str) -> Vocab:
+    def from_counts(cls, counts: CharCounts, order: str) -> Vocab:
         """`order="frequency"`: D2L's (most frequent first, ties by first occurrence);
         `order="sorted"`: by code point."""
-        uniq, first, counts = np.unique(cps, return_index=True, return_counts=True)
+        chars = np.flatnonzero(counts.counts)
         if order == "frequency":
-            uniq = uniq[np.lexsort((first, -counts))]
-        return cls([UNK] + [chr(c) for c in uniq.tolist()])
+            chars = chars[np.lexsort((counts.first[chars], -counts.counts[chars]))]
+        return cls([UNK] + [chr(c) for c in chars.tolist()])
 
     def encode(self, text: str, unknown: str = "error") -> np.ndarray:
         """Ids of `text`; characters outside the vocabulary raise, or map to <unk> (0)."""
@@ -167,41 +166,123 @@ def smallest_uint(vocab_size: int):
 
 @dataclass
 class Corpus:
-    ids: np.ndarray  # 1-D, unsigned ints (the smallest dtype that fits the vocabulary)
+    ids: np.ndarray  # 1-D unsigned ints (smallest dtype for the vocabulary), often a memmap
     vocab: Vocab
     preprocess: str
     source: str
+    splits: Splits
+    from_cache: bool = False
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
+def vocab_order(preprocess: str) -> str:
+    return "frequency" if preprocess == "d2l" else "sorted"
+
+
 def tokenize(text: str, preprocess: str) -> tuple[np.ndarray, Vocab]:
-    text = PREPROCESSORS[preprocess](text)
-    cps = code_points(text)
-    vocab = Vocab.build(cps, order="frequency" if preprocess == "d2l" else "sorted")
-    ids = vocab.encode(text, unknown="replace").astype(smallest_uint(len(vocab)))
-    return ids, vocab
+    """In-memory tokenising of one string, by the same code as the corpus pipeline."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if preprocess == "d2l":
+        cps = d2l_code_points(text.encode("utf-8"))
+    else:
+        cps = raw_code_points(text)
+    counts = CharCounts(track_first=preprocess == "d2l")
+    counts.add(cps)
+    vocab = Vocab.from_counts(counts, vocab_order(preprocess))
+    return lookup_table(vocab.tokens, smallest_uint(len(vocab)))[cps], vocab
 
 
-def resolve_source(cfg: DataConfig) -> Path:
+def tokenize_files(files: list[Path], preprocess: str, encoding_errors: str,
+                   cache_dir: Path | None) -> tuple[np.ndarray, Vocab, bool]:
+    """Token ids, vocabulary, and whether the cache already held them.
+
+    With a cache directory the ids come back memory-mapped from it (written first when
+    missing); without one they are built in memory and nothing is written.
+    """
+    if cache_dir is None:
+        ids, vocab = _tokenize(files, preprocess, encoding_errors, sink=None)
+        return ids, vocab, False
+    key = cache_key(content_hash(files), preprocess, encoding_errors)
+    entry = read_entry(cache_dir, key)
+    from_cache = entry is not None
+    if not from_cache:
+        _tokenize(files, preprocess, encoding_errors, sink=(cache_dir, key))
+        entry = read_entry(cache_dir, key)
+        if entry is None:
+            raise DataError(f"the token cache in {cache_dir} could not be read back: delete "
+                            f"{cache_dir / key}.* and run again")
+    ids, meta = entry
+    return ids, Vocab(meta["vocab"]), from_cache
+
+
+def _tokenize(files: list[Path], preprocess: str, encoding_errors: str,
+              sink: tuple[Path, str] | None) -> tuple[np.ndarray | None, Vocab]:
+    """The two passes: count (-> vocabulary), then encode into memory (sink None, returns the
+    ids) or into the cache entry `sink` = (directory, key) (returns None for the ids)."""
+    def blocks():
+        return block_code_points(files, preprocess, encoding_errors)
+
+    counts = CharCounts(track_first=preprocess == "d2l")
+    for cps in blocks():
+        counts.add(cps)
+    vocab = Vocab.from_counts(counts, vocab_order(preprocess))
+    dtype = smallest_uint(len(vocab))
+    table = lookup_table(vocab.tokens, dtype)
+    try:
+        if sink is None:
+            ids = np.empty(counts.total, dtype=dtype)
+            filled = 0
+
+            def into_array(part: np.ndarray) -> None:
+                nonlocal filled
+                ids[filled: filled + len(part)] = part
+                filled += len(part)
+
+            encode_blocks(blocks(), table, counts.total, into_array)
+            return ids, vocab
+        cache_dir, key = sink
+        meta = {"format": CACHE_FORMAT, "dtype": np.dtype(dtype).name, "length": counts.total,
+                "vocab": vocab.tokens, "preprocess": preprocess,
+                "encoding_errors": encoding_errors, "sources": [str(f) for f in files]}
+        try:
+            write_entry(cache_dir, key, meta,
+                        lambda f: encode_blocks(blocks(), table, counts.total, f.write))
+        except OSError as exc:
+            raise DataError(f"cannot write the token cache in {cache_dir} ({exc.strerror}): "
+                            f"set data.cache: false, or a writable data.data_dir") from None
+        return None, vocab
+    except ChangedWhileReading:
+        raise DataError(f"{files[0] if len(files) == 1 else 'a file of data.path'} changed "
+                        f"while it was being read: run again once it is stable") from None
+
+
+def corpus_files(cfg: DataConfig) -> list[Path]:
     if cfg.path is None:
-        return ensure_time_machine(cfg.data_dir)
-    path = Path(cfg.path)
-    if not path.is_file():
-        raise DataError(f"data.path {path} does not exist: give a UTF-8 text file")
-    return path
+        return [ensure_time_machine(cfg.data_dir)]
+    return list_source_files(Path(cfg.path))
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
-    """The token ids and vocabulary for a data config (vocabulary from the whole text, as D2L
-    builds it, then the first `max_tokens` ids)."""
-    source = resolve_source(cfg)
-    ids, vocab = tokenize(read_text(source), cfg.preprocess)
+    """The token ids, vocabulary and splits for a data config.
+
+    The vocabulary comes from the whole text, as D2L builds it; `max_tokens` then keeps the
+    first ids of the stream, and the split cuts that (so max_tokens bounds all three parts).
+    """
+    files = corpus_files(cfg)
+    source = str(cfg.path) if cfg.path is not None else str(files[0])
+    cache_dir = Path(cfg.data_dir) / "cache" if cfg.cache else None
+    ids, vocab, from_cache = tokenize_files(files, cfg.preprocess, cfg.encoding_errors,
+                                            cache_dir)
     if cfg.max_tokens is not None:
         ids = ids[: cfg.max_tokens]
-    check_corpus_length(len(ids), cfg.batch_size, cfg.num_steps, str(source))
-    return Corpus(ids=ids, vocab=vocab, preprocess=cfg.preprocess, source=str(source))
+    splits = split_ids(ids, cfg.split)
+    where = source if cfg.split is None else f"the training split of {source}"
+    check_corpus_length(len(splits.train), cfg.batch_size, cfg.num_steps, where)
+    check_heldout_lengths(splits, cfg.eval_lanes, source)
+    return Corpus(ids=ids, vocab=vocab, preprocess=cfg.preprocess, source=source,
+                  splits=splits, from_cache=from_cache)
 
 
 def min_corpus_tokens(batch_size: int, num_steps: int) -> int:

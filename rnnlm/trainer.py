@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from rnnlm import distributed
+from rnnlm.averaging import WeightAverage
 from rnnlm.checkpoint import (
     atomic_save,
     claim_out_dir,
@@ -34,10 +36,13 @@ from rnnlm.checkpoint import (
 from rnnlm.config import Config, ConfigError, dump_yaml
 from rnnlm.data import PREPROCESSORS, Corpus, load_corpus
 from rnnlm.diagnostics_report import DiagnosticsRecorder
+from rnnlm.evaluate import BestWeights, evaluate
 from rnnlm.interrupts import StopRequest, TrainingInterrupted, stop_on_signals
 from rnnlm.iterators import BatchIterator
 from rnnlm.models import LanguageModel, build_model, detach_state
+from rnnlm.plots import plot_perplexity
 from rnnlm.sampling import predict_greedy
+from rnnlm.schedules import EarlyStopping, LRSchedule
 from rnnlm.shards import ShardedForwardBackward, forward_backward
 from rnnlm.truncation import Truncation, variable_length_of
 
@@ -161,7 +166,8 @@ def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | Non
                 carry_state: bool, device: torch.device,
                 step=forward_backward, start: EpochProgress | None = None,
                 stop: distributed.StopAgreement | None = None,
-                truncation: Truncation | None = None, epoch: int = 0) -> EpochResult:
+                truncation: Truncation | None = None, epoch: int = 0,
+                on_step: Callable[[], None] | None = None) -> EpochResult:
     """One pass over the data, D2L's train_epoch_ch8.
 
     carry_state=True (sequential iteration): the state is created at the first batch,
@@ -176,6 +182,7 @@ def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | Non
     truncation (rnnlm.truncation): randomized xi per batch, or the learning rate scaled by
     the window length (variable_length); None is regular truncation. xi is seeded by
     (seed, epoch, batch index), so every rank and a resumed epoch draw the same.
+    on_step, when given, runs after every optimizer step (e.g. to update a weight average).
     """
     model.train()
     core = distributed.unwrap(model)
@@ -205,6 +212,8 @@ def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | Non
         norm = clip_gradients(params, clip_norm)
         with truncation.scaled_lr(optimizer, X.shape[1]):
             optimizer.step()
+            if on_step is not None:
+                on_step()
         n = Y.numel()
         loss_sum += loss.detach() * n
         norm_sum += norm.detach()
@@ -273,7 +282,8 @@ class MetricsLog:
 def train(cfg: Config, quiet: bool = False, out=sys.stdout, resume: dict | None = None,
           resume_path: str | Path | None = None, overwrite: bool = False,
           stop: StopRequest | None = None) -> dict:
-    """Run a whole training job from a config; returns the last epoch's record.
+    """Run a whole training job from a config; returns the last epoch's record (with the
+    best validation and the test metrics when the data is split).
 
     `resume` (a loaded checkpoint, read from `resume_path`) continues that run exactly where
     it stopped. A new run refuses an out_dir that holds a checkpoint unless `overwrite`.
@@ -308,7 +318,8 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
     set_threads(cfg)
     seed_everything(cfg.seed)
     corpus = load_corpus(cfg.data)
-    batches = BatchIterator(corpus.ids, cfg.data.batch_size, cfg.data.num_steps,
+    splits = corpus.splits
+    batches = BatchIterator(splits.train, cfg.data.batch_size, cfg.data.num_steps,
                             cfg.data.iterator, seed=cfg.seed, rank=ctx.rank,
                             world_size=ctx.world_size,
                             variable_length=variable_length_of(cfg.train))
@@ -316,6 +327,13 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
     model = build_model(cfg.model, len(corpus.vocab)).to(device)
     distributed.seed_rank_streams(cfg.seed, ctx)
     optimizer = make_optimizer(cfg, model)
+    schedule = LRSchedule(cfg.train, optimizer)
+    stopper = EarlyStopping(cfg.train.early_stop_patience)
+    average = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    scored = average.model if average is not None else model  # what evaluation scores
+    best_weights = BestWeights()  # in memory, for the test split (best.pt is the file twin)
+    records: list[dict] = []
+    on_step = (lambda: average.update(model)) if average is not None else None
     prompt = prefix_ids(corpus, cfg.train.prefix)
 
     out_dir = Path(cfg.out_dir)
@@ -350,6 +368,7 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
         if cfg.train.diagnostics:  # after a resume: eigenvalues "at the start" = the checkpoint's
             recorder = DiagnosticsRecorder(cfg, model, corpus.ids, batches, truncation, out_dir)
         metrics.keep_epochs(start_epoch)
+    plot_path, plot_title = out_dir / "perplexity.png", f"{cfg.model.kind} ({out_dir.name})"
 
     def say(line: str) -> None:
         if not quiet:
@@ -377,7 +396,8 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
 
     n_params = sum(p.numel() for p in model.parameters())
     say(f"{cfg.model.kind}: {n_params:,} parameters, vocabulary {len(corpus.vocab)}, "
-        f"{len(corpus):,} tokens from {corpus.source} ({corpus.preprocess}), "
+        f"{len(corpus):,} tokens from {corpus.source} ({corpus.preprocess}"
+        f"{', cached' if corpus.from_cache else ''}), "
         f"{cfg.data.iterator} iteration, device {device}"
         + (f", {ctx.world_size} processes (DDP)" if ctx.enabled else ""))
     if resume is not None:
@@ -385,6 +405,9 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
             f"at the end of epoch {start_epoch}"
         say(f"resumed {resume_path} {where} (step {step + (partial.batches if partial else 0)}"
             f"), training to epoch {cfg.train.epochs}")
+    if cfg.data.split is not None:
+        parts = {"train": splits.train, **splits.heldout()}
+        say("split: " + ", ".join(f"{name} {len(ids):,}" for name, ids in parts.items()))
 
     show_bar = not quiet and out.isatty()
     bar = tqdm(range(start_epoch, cfg.train.epochs), disable=not show_bar, unit="epoch",
@@ -402,7 +425,7 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
                                                             if partial else 0),
                                  optimizer, cfg.train.clip_norm, batches.carries_state, device,
                                  train_step, start=partial, stop=agreement,
-                                 truncation=truncation, epoch=epoch)
+                                 truncation=truncation, epoch=epoch, on_step=on_step)
             partial = None
             if not result.complete:
                 save(["last.pt"], epoch, result.progress)
@@ -420,8 +443,29 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
             }
             if recorder is not None:
                 record.update(recorder.epoch_record(model, epoch))
+            every_eval = cfg.train.eval_every
+            evaluating = epoch + 1 == cfg.train.epochs or \
+                bool(every_eval and (epoch + 1) % every_eval == 0)
+            stop_early = False
+            if evaluating and splits.val is not None:
+                # Every rank evaluates the same weights on the whole split, so every rank takes
+                # the same best-weights, schedule and stopping decisions without talking.
+                val = evaluate(scored, splits.val, cfg.data.eval_lanes, device)
+                record.update(val.as_record("val"))
+                best_weights.offer(val.ppl, epoch + 1, scored)
+                stop_early = stopper.should_stop(val.ppl)
+                say(f"epoch {epoch + 1:>4}  train ppl {result.ppl:8.3f}  val ppl "
+                    f"{val.ppl:8.3f}  val bpc {val.bpc:6.3f}  lr {record['lr']:.3g}")
+            schedule.after_epoch(record.get("val_ppl"))
+            records.append(record)
+            pe = cfg.train.predict_every
+            progress = bool(pe and (epoch + 1) % pe == 0 and epoch + 1 < cfg.train.epochs)
             if metrics is not None:
                 metrics.write(record)
+                # The plot follows the validation passes; without validation, the progress
+                # lines (a redraw every epoch would cost a book run more than its training).
+                if "val_ppl" in record or (splits.val is None and progress):
+                    plot_perplexity(records, plot_path, plot_title)
             bar.set_postfix(ppl=f"{result.ppl:.2f}", tok_s=f"{result.tokens_per_s:,.0f}")
             improved = improves(best, record)
             if improved:
@@ -435,11 +479,17 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
                 if not last_due:
                     save(["last.pt"], epoch + 1, None)
                 raise interrupted(epoch + 1, 0)
-            pe = cfg.train.predict_every
-            if pe and (epoch + 1) % pe == 0 and epoch + 1 < cfg.train.epochs and not quiet:
+            if progress and not quiet:
                 say(f"epoch {epoch + 1:>4}  ppl {result.ppl:8.3f}  grad {result.grad_norm:6.3f}  "
                     f"{result.tokens_per_s:>9,.0f} tok/s  | "
                     f"{predict_greedy(model, corpus.vocab, prompt, cfg.train.predict_chars)}")
+            if stop_early:
+                say(f"early stop after epoch {epoch + 1}: validation perplexity has not "
+                    f"improved for {stopper.bad_evaluations} evaluations (best "
+                    f"{best_weights.ppl:.3f} at epoch {best_weights.epoch})")
+                if not last_due:
+                    save(["last.pt"], epoch + 1, None)
+                break
     finally:  # also when interrupted: the shard threads must not outlive the run
         bar.close()
         if isinstance(batch_step, ShardedForwardBackward):
@@ -448,10 +498,33 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
         say(f"diagnostics: {recorder.finish(model, record['epoch'] - 1)}")
     if not ctx.is_main:
         return record
+    plot_perplexity(records, plot_path, plot_title)
 
     final_text = predict_greedy(model, corpus.vocab, prompt, cfg.train.predict_chars)
+    if splits.val is not None and best_weights.ppl is not None:
+        say(f"best validation perplexity {best_weights.ppl:.3f} (bpc "
+            f"{math.log2(best_weights.ppl):.3f}) at epoch {best_weights.epoch}")
+        record["best_val_ppl"], record["best_epoch"] = best_weights.ppl, best_weights.epoch
+    if splits.test is not None:
+        record.update(score_test_split(scored, best_weights, splits.test, cfg, device, metrics,
+                                       say))
     print(final_text, file=out)
     print(f"perplexity {record['train_ppl']:.1f}, {record['tokens_per_s']:.1f} tokens/sec "
           f"on {device}", file=out)
     record["prediction"] = final_text
     return record
+
+
+def score_test_split(scored: LanguageModel, best: BestWeights, test_ids, cfg: Config,
+                      device: torch.device, metrics: MetricsLog, say) -> dict:
+    """Evaluate the test split once, on the weights with the best validation perplexity
+    (the final weights when there is no validation split), and log one `test` record."""
+    if best.state is not None:
+        scored.load_state_dict(best.state)
+    result = evaluate(scored, test_ids, cfg.data.eval_lanes, device)
+    weights = f"epoch {best.epoch}" if best.epoch is not None else "final"
+    say(f"test perplexity {result.ppl:.3f} (bpc {result.bpc:.3f}) with the {weights} weights")
+    record = {"event": "test", "weights_epoch": best.epoch, **result.as_record("test")}
+    if metrics is not None:  # rank 0 writes files
+        metrics.write(record)
+    return {k: v for k, v in record.items() if k.startswith("test_")}

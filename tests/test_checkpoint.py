@@ -91,7 +91,7 @@ def test_interrupted_write_keeps_the_previous_checkpoint(trained, monkeypatch):
         atomic_save({"anything": 1}, target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in trained.iterdir()) == [
-        "best.pt", "config.yaml", "last.pt", "metrics.jsonl"]
+        "best.pt", "config.yaml", "last.pt", "metrics.jsonl", "perplexity.png"]
 
     # A process stopped mid-write (second Ctrl-C raises SystemExit) also leaves it intact.
     def half_then_exit(obj, f):

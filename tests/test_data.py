@@ -51,7 +51,7 @@ def test_raw_keeps_every_character(tmp_path):
     path = tmp_path / "mine.txt"
     path.write_text(text, encoding="utf-8")
     corpus = load_corpus(DataConfig(path=str(path), preprocess="raw", max_tokens=None,
-                                    batch_size=1, num_steps=2))
+                                    batch_size=1, num_steps=2, data_dir=str(tmp_path)))
     assert corpus.vocab.decode(corpus.ids) == text
     chars = corpus.vocab.tokens[1:]
     assert chars == sorted(chars) and "\n" in chars and "東" in chars and "H" in chars
@@ -132,4 +132,5 @@ def test_too_short_corpus_says_the_minimum(tmp_path):
     path = tmp_path / "short.txt"
     path.write_text("abc " * 20)
     with pytest.raises(DataError, match=r"needs at least 331"):
-        load_corpus(DataConfig(path=str(path), batch_size=32, num_steps=10))
+        load_corpus(DataConfig(path=str(path), batch_size=32, num_steps=10,
+                               data_dir=str(tmp_path)))

@@ -23,7 +23,9 @@ def build_model(model_cfg, vocab_size: int) -> LanguageModel:
         extra["backward"] = "manual" if model_cfg.backward == "auto" else model_cfg.backward
     return cls(vocab_size, model_cfg.hidden_size, num_layers=model_cfg.num_layers,
                dropout=model_cfg.dropout, embedding_dim=model_cfg.embedding_dim,
-               activation=model_cfg.activation, **extra)
+               activation=model_cfg.activation,
+               input_dropout=model_cfg.input_dropout, output_dropout=model_cfg.output_dropout,
+               weight_dropout=model_cfg.weight_dropout, **extra)
 
 
 __all__ = ["MODEL_KINDS", "LanguageModel", "State", "build_model", "detach_state"]

@@ -29,7 +29,8 @@ class LanguageModel(nn.Module):
 
     def __init__(self, vocab_size: int, hidden_size: int, num_layers: int = 1,
                  dropout: float = 0.0, embedding_dim: int | None = None,
-                 activation: str = "tanh"):
+                 activation: str = "tanh", input_dropout: float = 0.0,
+                 output_dropout: float = 0.0, weight_dropout: float = 0.0):
         super().__init__()
         if activation not in self.activations:
             raise ValueError(f"{type(self).__name__} offers activation {self.activations}, "
@@ -39,7 +40,16 @@ class LanguageModel(nn.Module):
         self.num_layers, self.dropout = num_layers, dropout
         self.embedding_dim = embedding_dim
         self.embedding = nn.Embedding(vocab_size, embedding_dim) if embedding_dim else None
+        if input_dropout and self.embedding is None:
+            raise ValueError("input dropout needs an embedding (one-hot input is not dropped)")
         self.input_size = embedding_dim or vocab_size
+        # Dropout on the input embeddings and on the top layer's outputs (Zaremba et al.);
+        # `dropout` only acts between stacked layers, so a one-layer model had none.
+        self.input_dropout = nn.Dropout(input_dropout)
+        self.output_dropout = nn.Dropout(output_dropout)
+        # DropConnect on the hidden-to-hidden weights (AWD-LSTM's weight drop), applied by the
+        # recurrent core: one mask per forward call, shared by every time step.
+        self.weight_dropout = weight_dropout
         self.output = nn.Linear(hidden_size, vocab_size)
 
     def begin_state(self, batch_size: int) -> State:
@@ -52,7 +62,7 @@ class LanguageModel(nn.Module):
         """(B, T) ids -> time-major input: ids (T, B) for one-hot cores that gather weight
         columns instead of multiplying by one-hot vectors, or embeddings (T, B, E)."""
         x = tokens.t()
-        return self.embedding(x) if self.embedding is not None else x
+        return self.input_dropout(self.embedding(x)) if self.embedding is not None else x
 
     def one_hot(self, x: torch.Tensor) -> torch.Tensor:
         return F.one_hot(x, self.vocab_size).to(self.output.weight.dtype)
@@ -73,7 +83,7 @@ class LanguageModel(nn.Module):
     def forward(self, tokens: torch.Tensor, state: State,
                 xi: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
         hidden, state = self.core(self.encode(tokens), state, xi)
-        return self.output(hidden), state  # (T, B, V)
+        return self.output(self.output_dropout(hidden)), state  # (T, B, V)
 
 
 def detach_state(state: State) -> State:

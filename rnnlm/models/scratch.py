@@ -59,18 +59,19 @@ def lstm_cell(xw_t, state, w_hh, b_hh):
 # is additive there); the GRU keeps it apart because its reset gate multiplies W_hn h + b_hn.
 def rnn_window(layer, x, state, xi=None, activation="tanh"):
     xw = layer.project_input(x, layer.bias_ih + layer.bias_hh)
-    hs = manual_rnn_window(xw, state[0], layer.weight_hh, activation, xi)
+    hs = manual_rnn_window(xw, state[0], layer.recurrent_weight(), activation, xi)
     return hs, (hs[-1],)
 
 
 def gru_manual_window(layer, x, state, xi=None):
-    hs = gru_window(layer.project_input(x), state[0], layer.weight_hh, layer.bias_hh, xi)
+    hs = gru_window(layer.project_input(x), state[0], layer.recurrent_weight(), layer.bias_hh,
+                    xi)
     return hs, (hs[-1],)
 
 
 def lstm_manual_window(layer, x, state, xi=None):
     xw = layer.project_input(x, layer.bias_ih + layer.bias_hh)
-    hs, c = lstm_window(xw, state[0], state[1], layer.weight_hh, xi)
+    hs, c = lstm_window(xw, state[0], state[1], layer.recurrent_weight(), xi)
     return hs, (hs[-1], c)
 
 
@@ -91,6 +92,7 @@ class ScratchLayer(nn.Module):
         self.bias_hh = nn.Parameter(torch.zeros(rows))
         self.cell = cell
         self.window = window
+        self.weight_dropout = 0.0  # set by the model: DropConnect on weight_hh
 
     def project_input(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Input projection of the whole window plus `bias` (default b_ih):
@@ -102,16 +104,22 @@ class ScratchLayer(nn.Module):
             return F.embedding(x, self.weight_ih.t() + bias)
         return torch.matmul(x, self.weight_ih.t()) + bias
 
+    def recurrent_weight(self) -> torch.Tensor:
+        """W_hh, with DropConnect in training: one mask per call, shared by every step; the
+        gradient flows through the mask back to W_hh (also through the manual windows)."""
+        return F.dropout(self.weight_hh, self.weight_dropout, self.training)
+
     def forward(self, x: torch.Tensor, state: State,
                 xi: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
         if self.window is not None:
             return self.window(self, x, state, xi)
         xw = self.project_input(x)
+        w_hh = self.recurrent_weight()
         outputs = []
         for t in range(xw.shape[0]):
             if xi is not None:  # randomized truncation: scale the whole carried state's path
                 state = tuple(scale_grad(s, xi[t]) for s in state)
-            state = self.cell(xw[t], state, self.weight_hh, self.bias_hh)
+            state = self.cell(xw[t], state, w_hh, self.bias_hh)
             outputs.append(state[0])
         return torch.stack(outputs), state  # (T, B, H)
 
@@ -131,6 +139,8 @@ class ScratchLM(LanguageModel):
                          self.num_gates, cell, window)
             for k in range(num_layers))
         self.between = nn.Dropout(dropout)
+        for layer in self.layers:
+            layer.weight_dropout = self.weight_dropout
         nn.init.normal_(self.output.weight, std=0.01)
         nn.init.zeros_(self.output.bias)
 

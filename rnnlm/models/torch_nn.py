@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from rnnlm.models.base import LanguageModel, State
 
@@ -22,7 +24,16 @@ class TorchRecurrentLM(LanguageModel):
                              "run the whole window in one fused call")
         if self.embedding is None:
             x = self.one_hot(x)
-        outputs, new = self.rnn(x, state if self.state_size == 2 else state[0])
+        state_in = state if self.state_size == 2 else state[0]
+        if self.training and self.weight_dropout > 0:
+            # DropConnect: the layer runs once with dropped copies of its recurrent weights
+            # (gradients flow back to the originals), one mask for the whole window.
+            dropped = {f"weight_hh_l{k}": F.dropout(getattr(self.rnn, f"weight_hh_l{k}"),
+                                                    self.weight_dropout)
+                       for k in range(self.num_layers)}
+            outputs, new = functional_call(self.rnn, dropped, (x, state_in))
+        else:
+            outputs, new = self.rnn(x, state_in)
         return outputs, (new if self.state_size == 2 else (new,))
 
     def recurrent_weight(self, layer: int):

@@ -1,0 +1,94 @@
+"""Held-out evaluation: one pass over a split with the state carried, no gradients.
+
+The split is read in `lanes` contiguous pieces (sizes differ by at most one token), all
+lanes advancing together window by window; the state starts at zero in each lane and is
+carried to its end. Every token of a lane but the first is predicted once, so a split of m
+tokens in k lanes gives m - k predictions, and the loss is their mean cross-entropy: the
+perplexity of a model that predicts the uniform distribution is exactly the vocabulary size.
+With one lane the result does not depend on the window length (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rnnlm.models import LanguageModel
+
+EVAL_WINDOW = 256  # steps per forward call; only speed depends on it
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean cross-entropy per predicted token (nats)
+    tokens: int  # number of predicted tokens
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+    @property
+    def bpc(self) -> float:
+        return self.loss / math.log(2)
+
+    def as_record(self, prefix: str) -> dict:
+        return {f"{prefix}_loss": self.loss, f"{prefix}_ppl": self.ppl,
+                f"{prefix}_bpc": self.bpc, f"{prefix}_tokens": self.tokens}
+
+
+def lane_bounds(n: int, lanes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start and length of each of `lanes` contiguous lanes covering n tokens."""
+    sizes = np.full(lanes, n // lanes, dtype=np.int64)
+    sizes[: n % lanes] += 1
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return starts, sizes
+
+
+@torch.no_grad()
+def evaluate(model: LanguageModel, ids: np.ndarray, lanes: int, device: torch.device,
+             window: int = EVAL_WINDOW) -> EvalResult:
+    """Mean cross-entropy of `model` over the 1-D token array `ids` (see the module doc)."""
+    n = len(ids)
+    if n < 2 * lanes:
+        raise ValueError(f"{n} tokens cannot fill {lanes} lanes of at least two tokens")
+    starts, sizes = lane_bounds(n, lanes)
+    length = int(sizes.max())
+    was_training = model.training
+    model.eval()
+    try:
+        state = model.begin_state(lanes)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        count = 0
+        for s in range(0, length - 1, window):
+            pos = s + np.arange(min(window, length - 1 - s) + 1)  # inputs and one more
+            index = np.minimum(starts[:, None] + pos, n - 1)  # a short lane repeats its end
+            tokens = torch.from_numpy(np.asarray(ids[index], dtype=np.int64)).to(device)
+            valid = torch.from_numpy(pos[1:] < sizes[:, None]).to(device)  # (lanes, w)
+            logits, state = model(tokens[:, :-1], state)  # (w, lanes, V)
+            losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                     tokens[:, 1:].t().reshape(-1), reduction="none")
+            loss_sum += (losses.double() * valid.t().reshape(-1)).sum()
+            count += int(valid.sum())
+    finally:
+        model.train(was_training)
+    return EvalResult(loss=loss_sum.item() / count, tokens=count)
+
+
+class BestWeights:
+    """An in-memory copy of the weights that scored the lowest validation perplexity."""
+
+    def __init__(self):
+        self.ppl = math.inf
+        self.epoch: int | None = None
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def offer(self, ppl: float, epoch: int, model: torch.nn.Module) -> bool:
+        if not ppl < self.ppl:
+            return False
+        self.ppl, self.epoch = ppl, epoch
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return True

@@ -1,0 +1,63 @@
+"""Learning-rate schedules and early stopping, both driven once per epoch.
+
+The learning rate lives only in the optimizer's param_groups: the schedules are
+torch.optim.lr_scheduler objects that write it there.
+
+* none: constant.
+* step: multiply by `lr_gamma` every `lr_step_size` epochs (StepLR).
+* cosine: from `lr` down to `lr_min` over `epochs` epochs, half a cosine (CosineAnnealingLR).
+* plateau: multiply by `lr_gamma` once validation perplexity has gone more than
+  `plateau_patience` evaluations without improving, never below `lr_min` (ReduceLROnPlateau;
+  epochs without evaluation do not count).
+
+Early stopping counts evaluations too: training stops once validation perplexity has not
+improved for `early_stop_patience` evaluations in a row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim import lr_scheduler
+
+from rnnlm.config import TrainConfig
+
+
+class LRSchedule:
+    def __init__(self, cfg: TrainConfig, optimizer: torch.optim.Optimizer):
+        self.kind = cfg.lr_schedule
+        self.scheduler = None
+        if self.kind == "step":
+            self.scheduler = lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_size,
+                                                 gamma=cfg.lr_gamma)
+        elif self.kind == "cosine":
+            self.scheduler = lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs,
+                                                            eta_min=cfg.lr_min)
+        elif self.kind == "plateau":
+            self.scheduler = lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=cfg.lr_gamma, patience=cfg.plateau_patience,
+                min_lr=cfg.lr_min)
+
+    def after_epoch(self, val_ppl: float | None) -> None:
+        """Call once at the end of every epoch, with the validation perplexity when the epoch
+        was evaluated (plateau only moves on evaluations)."""
+        if self.kind in ("step", "cosine"):
+            self.scheduler.step()
+        elif self.kind == "plateau" and val_ppl is not None:
+            self.scheduler.step(val_ppl)
+
+
+class EarlyStopping:
+    def __init__(self, patience: int | None):
+        self.patience = patience
+        self.best = math.inf
+        self.bad_evaluations = 0
+
+    def should_stop(self, val_ppl: float) -> bool:
+        """Record one evaluation; True when the patience has run out."""
+        if val_ppl < self.best:
+            self.best, self.bad_evaluations = val_ppl, 0
+        else:
+            self.bad_evaluations += 1
+        return self.patience is not None and self.bad_evaluations >= self.patience

@@ -1,0 +1,199 @@
+"""Learning-rate schedules, early stopping, weight averaging and the extra dropout layers."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import rnnlm.trainer
+from rnnlm.averaging import WeightAverage
+from rnnlm.config import ConfigError, config_from_dict, load_config
+from rnnlm.models import MODEL_KINDS, build_model
+from rnnlm.schedules import EarlyStopping, LRSchedule
+from rnnlm.trainer import train
+from tests.conftest import ROOT
+
+
+def lrs_over(overrides, epochs, val=None):
+    cfg = config_from_dict({}, [f"train.epochs={epochs}", "train.lr=1.0", *overrides])
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.train.lr)
+    schedule = LRSchedule(cfg.train, opt)
+    seen = []
+    for epoch in range(epochs):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()  # (no gradient: nothing moves) torch expects a step before the schedule's
+        schedule.after_epoch(None if val is None else val[epoch])
+    return seen
+
+
+def test_none_is_constant():
+    assert lrs_over([], 4) == [1.0] * 4
+
+
+def test_step_decays_every_step_size_epochs():
+    got = lrs_over(["train.lr_schedule=step", "train.lr_step_size=2", "train.lr_gamma=0.5"], 6)
+    assert got == pytest.approx([1, 1, 0.5, 0.5, 0.25, 0.25])
+
+
+def test_cosine_goes_from_lr_to_lr_min():
+    got = lrs_over(["train.lr_schedule=cosine", "train.lr_min=0.1"], 5)
+    expected = [0.1 + 0.9 * (1 + math.cos(math.pi * e / 5)) / 2 for e in range(5)]
+    assert got == pytest.approx(expected)
+
+
+def test_plateau_decays_after_patience_and_only_on_evaluations():
+    val = [5.0, 4.0, 4.5, None, 4.6, 4.7, 4.8, 3.0]
+    got = lrs_over(["train.lr_schedule=plateau", "train.plateau_patience=1",
+                    "train.lr_gamma=0.5", "train.lr_min=0.3", "data.split=[0.8,0.1,0.1]"],
+                   8, val=val)
+    # Epochs 3 and 5 are two bad evaluations in a row, more than the patience of 1 (epoch 4
+    # was not evaluated): the lr halves for epoch 6; two more bad ones halve it again, but
+    # not below lr_min.
+    assert got == pytest.approx([1, 1, 1, 1, 1, 0.5, 0.5, 0.3])
+
+
+def test_early_stopping_counts_evaluations_without_improvement():
+    stop = EarlyStopping(2)
+    assert [stop.should_stop(v) for v in [5, 4, 4.1, 3.9, 4, 4]] == [False] * 5 + [True]
+    never = EarlyStopping(None)
+    assert not any(never.should_stop(v) for v in [1, 2, 3, 4, 5])
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["train.lr_schedule=plateau"], "plateau follows validation perplexity, but there is no "
+                                    "validation split"),
+    (["train.early_stop_patience=3"], "early_stop_patience watches validation perplexity"),
+    (["train.early_stop_patience=3", "data.split=[0.9,0,0.1]"], "no validation split"),
+    (["train.lr_schedule=warmup"], "train.lr_schedule must be one of none, step, cosine"),
+    (["train.lr_gamma=1.5"], "train.lr_gamma must be in (0, 1)"),
+    (["train.lr_step_size=0"], "train.lr_step_size must be >= 1"),
+    (["train.lr_schedule=cosine", "train.lr_min=2"], "train.lr_min (2.0) must be below"),
+    (["train.early_stop_patience=0", "data.split=[0.8,0.1,0.1]"], "must be >= 1 or null"),
+    (["train.ema_decay=1"], "train.ema_decay must be in (0, 1)"),
+    (["model.input_dropout=0.2"], "model.input_dropout needs model.embedding_dim"),
+    (["model.output_dropout=1"], "model.output_dropout must be in [0, 1)"),
+    (["model.weight_dropout=-0.1"], "model.weight_dropout must be in [0, 1)"),
+])
+def test_nonsense_combinations_are_refused_at_load(overrides, fragment):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({}, overrides)
+    assert fragment in str(info.value)
+
+
+def read_records(out_dir):
+    return [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_early_stopping_ends_the_run(tiny_overrides, tmp_path, monkeypatch):
+    """Scripted validation losses: best at epoch 2, then two evaluations without
+    improvement, so the run stops after epoch 4 and tests the epoch-2 weights."""
+    script = [2.0, 1.5, 1.6, 1.5]  # then the test split, really evaluated
+    real = rnnlm.trainer.evaluate
+
+    def scripted(model, ids, lanes, device):
+        result = real(model, ids, lanes, device)
+        if script:
+            result.loss = script.pop(0)
+        return result
+
+    monkeypatch.setattr(rnnlm.trainer, "evaluate", scripted)
+    cfg = load_config(ROOT / "configs/tiny.yaml",
+                      [*tiny_overrides, "data.split=[0.8,0.1,0.1]", "train.epochs=30",
+                       "train.early_stop_patience=2", "model.kind=gru"])
+    final = train(cfg, quiet=True)
+    records = read_records(tmp_path / "run")
+    assert [r["val_loss"] for r in records[:-1]] == [2.0, 1.5, 1.6, 1.5]
+    assert records[-1]["event"] == "test" and records[-1]["weights_epoch"] == 2
+    assert final["epoch"] == 4 and final["best_epoch"] == 2
+
+
+def test_the_lr_in_the_log_is_the_optimizer_lr(tiny_overrides, tmp_path):
+    cfg = load_config(ROOT / "configs/tiny.yaml",
+                      [*tiny_overrides, "train.epochs=4", "train.lr_schedule=step",
+                       "train.lr_step_size=1", "train.lr_gamma=0.5"])
+    train(cfg, quiet=True)
+    assert [r["lr"] for r in read_records(tmp_path / "run")] == [1, 0.5, 0.25, 0.125]
+
+
+def test_weight_average_follows_the_ema_formula():
+    model = torch.nn.Linear(3, 1)
+    avg = WeightAverage(model, decay=0.5)
+    start = model.weight.detach().clone()
+    expected = start.clone()
+    for step in range(1, 6):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        avg.update(model)
+        d = min(0.5, (1 + step) / (10 + step))
+        expected = d * expected + (1 - d) * model.weight.detach()
+        assert torch.allclose(avg.model.weight, expected)
+    assert not avg.model.weight.requires_grad
+
+
+def test_ema_run_evaluates_the_average(tiny_overrides, tmp_path):
+    runs = {}
+    for name, extra in (("plain", []), ("ema", ["train.ema_decay=0.9"])):
+        cfg = load_config(ROOT / "configs/tiny.yaml",
+                          [*tiny_overrides, f"out_dir={tmp_path / name}", "train.epochs=2",
+                           "data.split=[0.8,0.1,0.1]", "model.kind=gru", *extra])
+        train(cfg, quiet=True)
+        runs[name] = read_records(tmp_path / name)
+    # Training never reads the average: identical training losses, different validation.
+    assert [r["train_loss"] for r in runs["plain"][:2]] == \
+        [r["train_loss"] for r in runs["ema"][:2]]
+    assert runs["plain"][1]["val_loss"] != runs["ema"][1]["val_loss"]
+
+
+@pytest.mark.parametrize("kind", list(MODEL_KINDS))
+def test_input_and_output_dropout(kind):
+    cfg = config_from_dict({}, [f"model.kind={kind}", "model.hidden_size=16",
+                                "model.embedding_dim=8", "model.input_dropout=0.5",
+                                "model.output_dropout=0.5"]).model
+    torch.manual_seed(0)
+    model = build_model(cfg, 10)
+    x = torch.randint(0, 10, (3, 7))
+    state = model.begin_state(3)
+    model.train()
+    a, _ = model(x, state)
+    b, _ = model(x, state)
+    assert not torch.allclose(a, b)  # dropout is active in training
+    model.eval()
+    c, _ = model(x, state)
+    d, _ = model(x, state)
+    assert torch.equal(c, d)
+    # With no dropout configured the same weights give the eval output in training mode.
+    plain = build_model(config_from_dict({}, [f"model.kind={kind}", "model.hidden_size=16",
+                                              "model.embedding_dim=8"]).model, 10)
+    plain.load_state_dict(model.state_dict())
+    plain.train()
+    assert torch.allclose(plain(x, state)[0], c, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(MODEL_KINDS))
+def test_weight_dropout_drops_recurrent_weights_once_per_call(kind):
+    cfg = config_from_dict({}, [f"model.kind={kind}", "model.hidden_size=12",
+                                "model.num_layers=2", "model.weight_dropout=0.5"]).model
+    torch.manual_seed(0)
+    model = build_model(cfg, 9)
+    x = torch.randint(0, 9, (2, 6))
+    state = model.begin_state(2)
+    model.train()
+    torch.manual_seed(5)
+    dropped, _ = model(x, state)
+    # The definition: the same masks (same seed, layer by layer), applied by hand to a copy
+    # that then runs without any dropout.
+    names = [n for n, _ in model.named_parameters() if "weight_hh" in n]
+    assert len(names) == 2
+    torch.manual_seed(5)
+    masked = {n: torch.nn.functional.dropout(model.get_parameter(n), 0.5) for n in names}
+    twin = build_model(config_from_dict({}, [f"model.kind={kind}", "model.hidden_size=12",
+                                             "model.num_layers=2"]).model, 9)
+    twin.load_state_dict({**model.state_dict(), **masked})
+    twin.eval()
+    assert torch.allclose(dropped, twin(x, state)[0], atol=1e-6)
+    dropped.sum().backward()  # the gradient reaches the original weights
+    assert all(model.get_parameter(n).grad is not None for n in names)
+    model.eval()  # no dropout at evaluation
+    twin.load_state_dict(model.state_dict())
+    assert torch.allclose(model(x, state)[0], twin(x, state)[0], atol=1e-6)
