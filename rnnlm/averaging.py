@@ -34,3 +34,11 @@ class WeightAverage:
         torch._foreach_lerp_(averaged, [p.detach() for p in model.parameters()], weight)
         for mine, theirs in zip(self.model.buffers(), model.buffers()):
             mine.copy_(theirs)
+
+    def state_dict(self) -> dict:
+        """The averaged weights and the update count (the warm-up depends on it)."""
+        return {"updates": self.updates, "weights": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = int(state["updates"])
+        self.model.load_state_dict(state["weights"])

@@ -13,6 +13,10 @@ dicts, never a pickled class. It holds everything that rebuilds and resumes a ru
     rng                         Python, NumPy, torch CPU (and CUDA / MPS when present) states
     best                        the tracked metric so far: {"metric", "value", "epoch"}
     record                      the last completed epoch's metrics.jsonl record
+    run_state                   what else the run carries between epochs: the LR schedule,
+                                the early-stopping count, the averaged (EMA) weights and the
+                                best validation weights kept for the test split (optional:
+                                absent in checkpoints of older versions)
 
 Files load with `torch.load(..., map_location="cpu", weights_only=True)`, so a checkpoint
 written on a GPU loads anywhere, and any file that would need to unpickle more than that is
@@ -170,24 +174,34 @@ def checkpoint_vocab(ckpt: dict, where: str = "checkpoint") -> tuple[Vocab, str]
         raise CheckpointError(f"{where} has a damaged vocabulary ({_first_line(exc)})") from None
 
 
-def load_model_weights(model: torch.nn.Module, ckpt: dict, where: str = "checkpoint") -> None:
-    """load_state_dict, with a mismatch (only possible for a damaged or hand-edited file,
-    since config and vocabulary are checked first) reported as one line."""
+def averaged_weights(ckpt: dict) -> dict | None:
+    """The averaged (EMA) weights a run with train.ema_decay evaluated, or None."""
+    average = (ckpt.get("run_state") or {}).get("average")
+    return average["weights"] if average else None
+
+
+def load_model_weights(model: torch.nn.Module, ckpt: dict, where: str = "checkpoint",
+                       averaged: bool = False) -> None:
+    """load_state_dict of the training weights, or with `averaged` of the weights that
+    evaluation scored (the EMA when the run kept one); a mismatch (only possible for a damaged
+    or hand-edited file, since config and vocabulary are checked first) is one line."""
+    weights = (averaged and averaged_weights(ckpt)) or ckpt["model"]
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(weights)
     except (RuntimeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{where}: the saved weights do not fit the model its config "
                               f"describes ({_first_line(exc)})") from None
 
 
 def model_from_checkpoint(ckpt: dict, device: torch.device, where: str = "checkpoint"):
-    """Rebuild the trained model from the checkpoint alone: (model, vocab, preprocess, cfg)."""
+    """Rebuild the trained model from the checkpoint alone: (model, vocab, preprocess, cfg).
+    The weights are the ones evaluation scored: the averaged copy when the run kept one."""
     from rnnlm.models import build_model  # late: keeps `import rnnlm.checkpoint` light
 
     cfg = checkpoint_config(ckpt, where)
     vocab, preprocess = checkpoint_vocab(ckpt, where)
     model = build_model(cfg.model, len(vocab))
-    load_model_weights(model, ckpt, where)
+    load_model_weights(model, ckpt, where, averaged=True)
     return model.to(device).eval(), vocab, preprocess, cfg
 
 
@@ -349,7 +363,7 @@ CHECKPOINT_NAMES = ("last.pt", "best.pt")
 
 def make_checkpoint(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     vocab: Vocab, preprocess: str, progress: dict, best: dict | None,
-                    record: dict) -> dict:
+                    record: dict, run_state: dict | None = None) -> dict:
     """The dict that atomic_save writes (see the module docstring for its keys)."""
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "torch_version": str(torch.__version__),
@@ -357,6 +371,7 @@ def make_checkpoint(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.
         "vocab": {"tokens": list(vocab.tokens), "preprocess": preprocess},
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "progress": progress, "rng": capture_rng(), "best": best, "record": record,
+        "run_state": run_state,
     }
 
 

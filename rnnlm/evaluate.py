@@ -92,3 +92,9 @@ class BestWeights:
         self.ppl, self.epoch = ppl, epoch
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return True
+
+    def state_dict(self) -> dict:
+        return {"ppl": self.ppl, "epoch": self.epoch, "weights": self.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ppl, self.epoch, self.state = float(state["ppl"]), state["epoch"], state["weights"]

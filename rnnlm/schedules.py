@@ -47,6 +47,14 @@ class LRSchedule:
         elif self.kind == "plateau" and val_ppl is not None:
             self.scheduler.step(val_ppl)
 
+    def state_dict(self) -> dict | None:
+        """What a checkpoint keeps so that a resumed run continues the same curve."""
+        return self.scheduler.state_dict() if self.scheduler is not None else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.scheduler is not None and state is not None:
+            self.scheduler.load_state_dict(state)
+
 
 class EarlyStopping:
     def __init__(self, patience: int | None):
@@ -61,3 +69,9 @@ class EarlyStopping:
         else:
             self.bad_evaluations += 1
         return self.patience is not None and self.bad_evaluations >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_evaluations": self.bad_evaluations}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.bad_evaluations = float(state["best"]), int(state["bad_evaluations"])

@@ -349,6 +349,7 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
                                     str(resume_path))
         start_epoch, step, wall_offset = position["epoch"], position["step"], position["wall_s"]
         best, record = resume["best"], resume.get("record") or {}
+        restore_run_state(resume.get("run_state"), schedule, stopper, average, best_weights)
         if position.get("partial") and position["partial"]["batches"]:
             partial = EpochProgress.from_dict(position["partial"], device, ctx)
             step -= partial.batches  # `step` counts the steps before the current epoch
@@ -386,7 +387,11 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
             "wall_s": wall_offset + time.perf_counter() - wall_start,
             "batch": progress.batches if progress else 0,
             "partial": progress.to_dict() if progress else None,
-        }, best, record)
+        }, best, record, run_state={
+            "schedule": schedule.state_dict(), "early_stop": stopper.state_dict(),
+            "average": average.state_dict() if average is not None else None,
+            "best_weights": best_weights.state_dict(),
+        })
         for name in names:
             atomic_save(ckpt, out_dir / name)
 
@@ -513,6 +518,23 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
           f"on {device}", file=out)
     record["prediction"] = final_text
     return record
+
+
+def restore_run_state(state: dict | None, schedule: LRSchedule, stopper: EarlyStopping,
+                      average: WeightAverage | None, best_weights: BestWeights) -> None:
+    """Put back what a run carries between epochs besides weights and optimizer, so that a
+    resumed run follows the same schedule, stops at the same epoch, averages the same way
+    and scores the test split with the same weights. Checkpoints of older versions have no
+    run_state: those parts start afresh."""
+    if not state:
+        return
+    schedule.load_state_dict(state.get("schedule"))
+    if state.get("early_stop"):
+        stopper.load_state_dict(state["early_stop"])
+    if average is not None and state.get("average"):
+        average.load_state_dict(state["average"])
+    if state.get("best_weights"):
+        best_weights.load_state_dict(state["best_weights"])
 
 
 def score_test_split(scored: LanguageModel, best: BestWeights, test_ids, cfg: Config,

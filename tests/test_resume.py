@@ -118,6 +118,53 @@ def test_resume_with_a_new_learning_rate_uses_it(data_dir, tmp_path):
     assert [r["lr"] for r in records(out)] == [0.01, 0.002]
 
 
+class StopAtEpoch(StopRequest):
+    """Asks to stop once `epochs` records are in out_dir/metrics.jsonl (an epoch's end)."""
+
+    def __init__(self, out_dir, epochs):
+        super().__init__()
+        self.metrics, self.epochs = out_dir / "metrics.jsonl", epochs
+
+    def __bool__(self):
+        if self.signum is None and self.metrics.exists() and \
+                len(self.metrics.read_text().splitlines()) >= self.epochs:
+            self.signum = signal.SIGINT
+        return super().__bool__()
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "plateau"])
+def test_held_out_run_with_schedule_and_average_resumes_exactly(schedule, data_dir, tmp_path):
+    """Everything a held-out run carries between epochs comes back: the LR schedule, the
+    averaged weights, the early-stopping count and the best weights the test split uses."""
+    settings = ["data.max_tokens=1200", "data.split=[0.8,0.1,0.1]",
+                f"train.lr_schedule={schedule}", "train.lr_min=0.0001", "train.lr_gamma=0.5",
+                "train.plateau_patience=0", "train.ema_decay=0.9",
+                "train.early_stop_patience=50"]
+    whole_out, split_out = tmp_path / "whole", tmp_path / "split"
+    whole = train(tiny(data_dir, whole_out, "train.epochs=6", *settings), quiet=True)
+    with pytest.raises(TrainingInterrupted):  # cosine spans train.epochs: keep it at 6
+        train(tiny(data_dir, split_out, "train.epochs=6", *settings), quiet=True,
+              stop=StopAtEpoch(split_out, 3))
+    assert load_checkpoint(split_out / "last.pt")["progress"]["epoch"] == 3
+    final = resume(split_out)
+    assert records(split_out) == records(whole_out)
+    assert len({r["lr"] for r in records(whole_out) if "lr" in r}) > 1  # the schedule moved
+    assert final["test_ppl"] == whole["test_ppl"]
+    assert final["best_epoch"] == whole["best_epoch"]
+
+
+def test_sampling_weights_are_the_averaged_ones(data_dir, tmp_path):
+    from rnnlm.checkpoint import averaged_weights, model_from_checkpoint
+
+    out = tmp_path / "run"
+    train(tiny(data_dir, out, "train.epochs=2", "train.ema_decay=0.9"), quiet=True)
+    ckpt = load_checkpoint(out / "last.pt")
+    model, *_ = model_from_checkpoint(ckpt, "cpu")
+    averaged = averaged_weights(ckpt)
+    assert all((model.state_dict()[k] == v).all() for k, v in averaged.items())
+    assert any((ckpt["model"][k] != v).any() for k, v in averaged.items())
+
+
 # ---------------------------------------------------------------------------- real signals
 
 
