@@ -236,7 +236,10 @@ def main(argv=None) -> int:
         f"perplexity).", "", *lines, "", twin_line, "", gen_line])
     print(report)
     if args.write:
-        write_section(Path(args.write), "cpu" if args.device == "cpu" else "gpu", report)
+        # one section per device and set of overrides: a bf16 or compiled run keeps its own
+        name = ("cpu" if args.device == "cpu" else "gpu") + "".join(
+            f" {item}" for item in args.set)
+        write_section(Path(args.write), name, report)
     return 0
 
 

@@ -75,6 +75,14 @@ class TrainConfig:
     batch_shards: int = 1
     # On CUDA, replay each batch's forward and backward from captured CUDA graphs.
     cuda_graphs: bool = True
+    # fp32, or bf16 autocast of the training forward pass (matmuls in bfloat16, the loss, the
+    # carried state, the weights and evaluation in fp32). Fast only where the hardware has
+    # bf16 matmul units (CPU AMX, GPU tensor cores). The scratch models then use autograd.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # torch.compile the model for training (evaluation and sampling stay eager). With it
+    # the scratch models use autograd: compile fuses that graph, the hand-written backward
+    # is opaque to it. The first batches pay the compilation (tens of seconds).
+    compile: bool = False
     checkpoint_every: int = 10  # epochs between writes of out_dir/last.pt; 0 = only at the end
     # Truncated BPTT (rnnlm/truncation.py, docs/bptt.md): regular = detach at every batch
     # boundary (D2L); randomized = Tallec & Ollivier's xi_t; variable_length = AWD-LSTM windows.
@@ -291,6 +299,10 @@ def validate(cfg: Config) -> None:
     _require(m.backward == "auto" or m.kind.endswith("_scratch"),
              f"model.backward: {m.backward} applies to the scratch kinds only; {m.kind} is a "
              f"torch.nn layer with its own backward (leave model.backward: auto)")
+    _require(m.backward != "manual" or (t.precision == "fp32" and not t.compile),
+             "model.backward: manual is the fp32, eager hand-written backward; with "
+             f"train.precision={t.precision} and train.compile={str(t.compile).lower()} use "
+             "model.backward=auto (autograd)")
     _require(m.embedding_dim is None or m.embedding_dim >= 1,
              f"model.embedding_dim must be >= 1 or null (one-hot), got {m.embedding_dim}")
     _require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")

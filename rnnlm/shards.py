@@ -27,21 +27,31 @@ def sequence_loss(logits: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.t().reshape(-1))
 
 
+def autocast(device_type: str, precision: str):
+    """The context a training forward pass runs in: bf16 autocast, or nothing for fp32."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def forward_backward(model: LanguageModel, X, Y, state: State,
-                     xi: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+                     xi: torch.Tensor | None = None,
+                     precision: str = "fp32") -> tuple[torch.Tensor, State]:
     """One batch on one thread: loss (0-d, still attached) and the next state; grads in .grad.
-    xi: randomized truncation's multipliers (rnnlm.truncation), passed only when drawn."""
-    logits, state = model(X, state) if xi is None else model(X, state, xi=xi)
-    loss = sequence_loss(logits, Y)
+    xi: randomized truncation's multipliers (rnnlm.truncation), passed only when drawn.
+    precision bf16 autocasts the forward pass; the backward follows the forward's dtypes
+    (autocast is not meant to wrap it) and the carried state goes back to fp32."""
+    dtype = state[0].dtype
+    with autocast(X.device.type, precision):
+        logits, state = model(X, state) if xi is None else model(X, state, xi=xi)
+        loss = sequence_loss(logits, Y)
     loss.backward()
-    return loss, state
+    return loss, tuple(s.to(dtype) for s in state)
 
 
 class ShardedForwardBackward:
     """Drop-in for `forward_backward` that runs `num_shards` lane groups on their own threads."""
 
-    def __init__(self, num_shards: int):
-        self.num_shards = num_shards
+    def __init__(self, num_shards: int, precision: str = "fp32"):
+        self.num_shards, self.precision = num_shards, precision
         self.pool = ThreadPoolExecutor(num_shards, thread_name_prefix="rnnlm-shard")
 
     def __call__(self, model: LanguageModel, X, Y, state: State, xi=None):
@@ -51,13 +61,15 @@ class ShardedForwardBackward:
 
         def shard(rows: torch.Tensor):
             lo, hi = int(rows[0]), int(rows[-1]) + 1
-            # xi is per step, shared by all lanes: every shard gets the same one
-            logits, new_state = model(X[lo:hi], tuple(s[:, lo:hi] for s in state),
-                                      **({} if xi is None else {"xi": xi}))
-            loss = sequence_loss(logits, Y[lo:hi])
+            # xi is per step, shared by all lanes: every shard gets the same one. Autocast
+            # is per thread, so each shard enters it itself.
+            with autocast(X.device.type, self.precision):
+                logits, new_state = model(X[lo:hi], tuple(s[:, lo:hi] for s in state),
+                                          **({} if xi is None else {"xi": xi}))
+                loss = sequence_loss(logits, Y[lo:hi])
             weight = Y[lo:hi].numel() / total
             grads = torch.autograd.grad(loss * weight, params, allow_unused=True)
-            return loss.detach() * weight, new_state, grads
+            return loss.detach() * weight, tuple(s.to(state[0].dtype) for s in new_state), grads
 
         results = list(self.pool.map(shard, lanes))
         for i, p in enumerate(params):

@@ -7,6 +7,7 @@ sync happens inside the loop.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -308,12 +309,17 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
                  quiet: bool, out, resume: dict | None = None,
                  resume_path: str | Path | None = None, overwrite: bool = False,
                  stop: StopRequest | None = None) -> dict:
-    batch_step = forward_backward
+    batch_step = functools.partial(forward_backward, precision=cfg.train.precision)
     if cfg.train.batch_shards > 1:
         if device.type != "cpu":
             raise ConfigError(f"train.batch_shards: {cfg.train.batch_shards} splits batches "
                               f"across CPU cores; on {device.type} use 1")
-        batch_step = ShardedForwardBackward(cfg.train.batch_shards)
+        batch_step = ShardedForwardBackward(cfg.train.batch_shards, cfg.train.precision)
+    graphed = device.type == "cuda" and cfg.train.cuda_graphs
+    if graphed and (cfg.train.precision != "fp32" or cfg.train.compile):
+        raise ConfigError("train.cuda_graphs captures the fp32 eager step; with "
+                          f"train.precision={cfg.train.precision} or train.compile=true set "
+                          "train.cuda_graphs=false")
     train_step = distributed.FaultInjector(ctx).wrap(batch_step)  # itself unless testing
     set_threads(cfg)
     seed_everything(cfg.seed)
@@ -324,7 +330,7 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
                             world_size=ctx.world_size,
                             variable_length=variable_length_of(cfg.train))
     truncation = Truncation.from_config(cfg)
-    model = build_model(cfg.model, len(corpus.vocab)).to(device)
+    model = build_model(cfg.model, len(corpus.vocab), cfg.train).to(device)
     distributed.seed_rank_streams(cfg.seed, ctx)
     optimizer = make_optimizer(cfg, model)
     schedule = LRSchedule(cfg.train, optimizer)
@@ -356,9 +362,11 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
 
     # After the weights are loaded: the graphed copy and DDP start from the same values.
     train_model = model
-    if device.type == "cuda" and cfg.train.cuda_graphs:
+    if graphed:
         from rnnlm.cuda_graphs import GraphedModel
         train_model = GraphedModel(model, batches.local_batch, cfg.data.num_steps)
+    if cfg.train.compile:  # shares the parameters: evaluation, sampling and saving use `model`
+        train_model = torch.compile(model)
     train_model = distributed.wrap_model(train_model, device)  # DDP when distributed
 
     metrics = recorder = None  # only rank 0 writes files

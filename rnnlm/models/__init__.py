@@ -16,11 +16,17 @@ MODEL_KINDS: dict[str, type[LanguageModel]] = {
 }
 
 
-def build_model(model_cfg, vocab_size: int) -> LanguageModel:
+def build_model(model_cfg, vocab_size: int, train_cfg=None) -> LanguageModel:
+    """The model a config describes. train_cfg (optional) decides what model.backward=auto
+    means for the scratch kinds: the hand-written backward, except under bf16 autocast or
+    torch.compile, which need autograd's graph."""
     cls = MODEL_KINDS[model_cfg.kind]
     extra = {}
     if cls.step_by_step:
-        extra["backward"] = "manual" if model_cfg.backward == "auto" else model_cfg.backward
+        needs_autograd = train_cfg is not None and \
+            (train_cfg.precision != "fp32" or train_cfg.compile)
+        auto = "autograd" if needs_autograd else "manual"
+        extra["backward"] = auto if model_cfg.backward == "auto" else model_cfg.backward
     return cls(vocab_size, model_cfg.hidden_size, num_layers=model_cfg.num_layers,
                dropout=model_cfg.dropout, embedding_dim=model_cfg.embedding_dim,
                activation=model_cfg.activation,
