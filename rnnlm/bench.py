@@ -8,6 +8,10 @@ never come from doing less work. Then generation speed against D2L's predict_ch8
 
     python bench.py                       # all seven presets, 500 epochs (the book's budget)
     python bench.py --epochs 30 --presets rnn_scratch gru
+    python bench.py --epochs 5 --variant train.precision=bf16 --variant train.compile=true
+
+Each --variant adds, per preset, a row trained with those overrides (comma-separated), with
+its speed relative to the preset's own row of the same run and its perplexity.
 """
 
 from __future__ import annotations
@@ -102,12 +106,13 @@ def matmul_roofline(kind: str, hidden: int, layers: int, vocab: int, batch: int,
 
 def run_ours(preset: str, epochs: int, warmup: int, out_root: Path, device: str,
              overrides: list[str]) -> dict:
+    out_dir = out_root / preset / str(len(list((out_root / preset).glob("*"))))
     cfg = load_config(ROOT / "configs" / f"{preset}.yaml",
-                      [f"train.epochs={epochs + warmup}", f"out_dir={out_root / preset}",
+                      [f"train.epochs={epochs + warmup}", f"out_dir={out_dir}",
                        f"device={device}", "train.predict_every=0", *overrides])
     with open(os.devnull, "w") as sink:
         record = train(cfg, quiet=True, out=sink)
-    lines = (out_root / preset / "metrics.jsonl").read_text().splitlines()
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
     speeds = [json.loads(line)["tokens_per_s"] for line in lines][warmup:]
     return {"tokens_per_s": statistics.median(speeds), "ppl": record["train_ppl"], "cfg": cfg,
             "vocab": len(load_corpus(cfg.data).vocab)}
@@ -182,6 +187,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gen-chars", type=int, default=10_000)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override for our runs, e.g. --set train.threads=1")
+    parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,...]",
+                        help="also train each preset with these overrides (repeatable)")
     parser.add_argument("--write", default=str(ROOT / "docs" / "benchmarks.md"),
                         help="markdown file for the table ('' to skip)")
     args = parser.parse_args(argv)
@@ -200,26 +207,39 @@ def main(argv=None) -> int:
                 gflops = matmul_roofline(m.kind, m.hidden_size, m.num_layers, vocab,
                                          d.batch_size, d.num_steps)
             roofline = None if gflops is None else gflops * 1e9 / fpt
-            rows.append({
-                "preset": preset, "ours": ours["tokens_per_s"], "ours_ppl": ours["ppl"],
-                "ref": ref and ref["tokens_per_s"], "ref_ppl": ref and ref["ppl"],
-                "ratio": ref and ours["tokens_per_s"] / ref["tokens_per_s"],
-                "mflop_per_token": fpt / 1e6, "gflops": gflops, "roofline": roofline,
-                "fraction": roofline and ours["tokens_per_s"] / roofline,
-            })
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            base = ours["tokens_per_s"]
+            for variant in ["", *args.variant]:
+                if variant:
+                    print(f"{preset} with {variant}: training {args.epochs} epochs ...",
+                          file=sys.stderr, flush=True)
+                    ours = run_ours(preset, args.epochs, args.warmup, Path(tmp), args.device,
+                                    [*args.set, *variant.split(",")])
+                rows.append({
+                    "preset": preset + (f" + {variant}" if variant else ""),
+                    "ours": ours["tokens_per_s"], "ours_ppl": ours["ppl"],
+                    "ref": ref and ref["tokens_per_s"], "ref_ppl": ref and ref["ppl"],
+                    "ratio": ref and ours["tokens_per_s"] / ref["tokens_per_s"],
+                    "vs_preset": ours["tokens_per_s"] / base,
+                    "mflop_per_token": fpt / 1e6, "gflops": gflops, "roofline": roofline,
+                    "fraction": roofline and ours["tokens_per_s"] / roofline,
+                })
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     gen = generation_speed(args.gen_chars, args.device)
 
-    header = ("| preset | ours tok/s | D2L tok/s | ratio | MFLOP/token | matmul GFLOP/s | "
-              "roofline tok/s | of roofline | ours ppl | D2L ppl |")
-    lines = [header, "|" + "---|" * 10]
+    variants = bool(args.variant)
+    header = ("| preset | ours tok/s | D2L tok/s | ratio | " + "vs preset | " * variants +
+              "MFLOP/token | matmul GFLOP/s | roofline tok/s | of roofline | ours ppl | "
+              "D2L ppl |")
+    lines = [header, "|" + "---|" * (10 + variants)]
     for r in rows:
+        vs_preset = f"{r['vs_preset']:.2f}x | " if variants else ""
         lines.append(f"| {r['preset']} | {fmt(r['ours'])} | {fmt(r['ref'])} | "
-                     f"{fmt(r['ratio'], '.2f', suffix='x')} | {r['mflop_per_token']:.2f} | "
+                     f"{fmt(r['ratio'], '.2f', suffix='x')} | {vs_preset}"
+                     f"{r['mflop_per_token']:.2f} | "
                      f"{fmt(r['gflops'], '.0f')} | {fmt(r['roofline'])} | "
                      f"{fmt(r['fraction'] and 100 * r['fraction'], '.0f', suffix='%')} | "
                      f"{r['ours_ppl']:.3f} | {fmt(r['ref_ppl'], '.3f')} |")
-    speed = {r["preset"]: r["ours"] for r in rows}
+    speed = {r["preset"]: r["ours"] for r in rows}  # variants have longer names
     twins = [f"{kind}_scratch / {kind}: {speed[f'{kind}_scratch'] / speed[kind]:.2f}x"
              for kind in ("gru", "lstm") if f"{kind}_scratch" in speed and kind in speed]
     twin_line = ("Scratch model against its torch.nn twin of the same size (ours, tokens/s): "
@@ -238,7 +258,7 @@ def main(argv=None) -> int:
     if args.write:
         # one section per device and set of overrides: a bf16 or compiled run keeps its own
         name = ("cpu" if args.device == "cpu" else "gpu") + "".join(
-            f" {item}" for item in args.set)
+            f" {item}" for item in args.set + args.variant)
         write_section(Path(args.write), name, report)
     return 0
 
