@@ -319,6 +319,9 @@ def validate(cfg: Config) -> None:
     _require(t.batch_shards == 1 or m.dropout == 0,
              "train.batch_shards > 1 needs model.dropout 0: dropout draws from one random "
              "stream, which the shard threads would race for (runs would not repeat)")
+    _require(t.batch_shards == 1 or not t.compile,
+             "train.compile with train.batch_shards > 1 is not supported (the shard threads "
+             "would share one compiled model): use one of them")
     _require(t.threads is None or t.threads >= 1,
              f"train.threads must be >= 1 or null, got {t.threads}")
     _require(t.checkpoint_every >= 0,

@@ -73,6 +73,11 @@ def test_manual_backward_is_refused_under_bf16_or_compile():
     assert small_model("gru_scratch").layers[0].window is not None
 
 
+def test_compile_with_batch_shards_is_refused():
+    with pytest.raises(ConfigError, match="train.compile with train.batch_shards"):
+        config_from_dict({}, ["train.compile=true", "train.batch_shards=2"])
+
+
 def test_compiled_step_matches_eager():
     torch.manual_seed(0)
     # tiny and one layer: compilation time grows with the unrolled window
@@ -87,3 +92,18 @@ def test_compiled_step_matches_eager():
         results.append([loss.detach(), *new_state, *(p.grad.clone() for p in model.parameters())])
     for eager, fast in zip(*results):
         torch.testing.assert_close(fast, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_trainer_compiles_the_training_model_only(tiny_overrides, tmp_path, monkeypatch):
+    compiled = []
+
+    def spy(model, **kwargs):  # stands in for torch.compile: records what it was given
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", spy)
+    cfg = load_config(ROOT / "configs/tiny.yaml",
+                      [*tiny_overrides[:1], f"out_dir={tmp_path / 'run'}",
+                       "model.kind=gru_scratch", "train.compile=true", "train.epochs=1"])
+    train(cfg, quiet=True)
+    assert len(compiled) == 1 and compiled[0].layers[0].window is None  # autograd backward
