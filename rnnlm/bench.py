@@ -132,28 +132,33 @@ def run_reference(preset: str, epochs: int) -> dict | None:
     return {"tokens_per_s": result["tokens_per_s_median"], "ppl": result["ppl"]}
 
 
-def generation_speed(num_chars: int, device: str) -> dict:
-    """Characters/s of our sampler (greedy, scratch RNN h512) and of D2L's predict_ch8."""
+def generation_speed(num_chars: int, device: str, repeats: int = 3) -> dict:
+    """Characters/s of our sampler (greedy, scratch RNN h512) and of D2L's predict_ch8, each
+    the median of `repeats` runs taken in turns, so that a slow moment of this shared machine
+    does not fall on one side only."""
     cfg = load_config(ROOT / "configs" / "rnn_scratch.yaml", [f"device={device}"])
     corpus = load_corpus(cfg.data)
     torch.manual_seed(0)
     model = build_model(cfg.model, len(corpus.vocab)).to(device)
     prefix = torch.as_tensor(corpus.vocab.encode("time traveller"))
-    start = time.perf_counter()
-    count = sum(1 for _ in generate(model, prefix, num_chars))
-    ours = count / (time.perf_counter() - start)
-    ref = None
     venv_python = Path(os.environ.get("D2L_REF_VENV", "/tmp/d2l-ref-venv")) / "bin" / "python"
     script = ROOT / "scripts" / "d2l_predict_speed.py"
-    if venv_python.exists():
+    ours, refs = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        count = sum(1 for _ in generate(model, prefix, num_chars))
+        ours.append(count / (time.perf_counter() - start))
+        if not venv_python.exists():
+            continue
         proc = subprocess.run([str(venv_python), str(script), str(num_chars),
                                str(REFERENCE.parent.parent / "data")],
                               capture_output=True, text=True)
-        if proc.returncode == 0:
-            ref = json.loads(proc.stdout.splitlines()[-1])["chars_per_s"]
-        else:
+        if proc.returncode != 0:
             print(f"  reference predict failed: {proc.stderr.strip()[-300:]}", file=sys.stderr)
-    return {"ours": ours, "reference": ref}
+            continue
+        refs.append(json.loads(proc.stdout.splitlines()[-1])["chars_per_s"])
+    return {"ours": statistics.median(ours), "reference": statistics.median(refs) if refs
+            else None}
 
 
 def machine_line(device: str) -> str:
@@ -245,7 +250,8 @@ def main(argv=None) -> int:
     twin_line = ("Scratch model against its torch.nn twin of the same size (ours, tokens/s): "
                  + "; ".join(twins) + ".") if twins else ""
     gen_ratio = gen["reference"] and gen["ours"] / gen["reference"]
-    gen_line = (f"Generation (scratch RNN h512, greedy, {args.gen_chars:,} characters): ours "
+    gen_line = (f"Generation (scratch RNN h512, greedy, {args.gen_chars:,} characters, median "
+                f"of 3 runs each, taken in turns): ours "
                 f"{gen['ours']:,.0f} chars/s, D2L predict_ch8 {fmt(gen['reference'])} chars/s, "
                 f"ratio {fmt(gen_ratio, '.1f', suffix='x')}.")
     command = "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -77,6 +77,8 @@ class ScratchDecoder(Decoder):
             if model.embedding is not None:
                 first_inputs = model.embedding.weight
             self.table = torch.addmm(self.b_in[0], first_inputs, self.w_ih[0])  # (V, G*H)
+            # one (1, G*H) view per token: a list lookup per step instead of a slicing op
+            self.rows = list(self.table.split(1))
             self.w_out = model.output.weight.t().contiguous()
             self.b_out = model.output.bias.detach()
         self.layer_states = [tuple(s[k] for s in self.state) for k in range(len(model.layers))]
@@ -93,7 +95,7 @@ class ScratchDecoder(Decoder):
         # was prepared without gradient tracking, so nothing is recorded anyway.
         x = None
         for k, state in enumerate(self.layer_states):
-            xw = self.table[token_id: token_id + 1] if k == 0 else \
+            xw = self.rows[token_id] if k == 0 else \
                 torch.addmm(self.b_in[k], x, self.w_ih[k])
             state = self.layer_states[k] = self.cell(xw, state, self.w_hh[k], self.b_hh[k])
             x = state[0]
