@@ -47,13 +47,16 @@ class LRSchedule:
         elif self.kind == "plateau" and val_ppl is not None:
             self.scheduler.step(val_ppl)
 
-    def state_dict(self) -> dict | None:
+    def state_dict(self) -> dict:
         """What a checkpoint keeps so that a resumed run continues the same curve."""
-        return self.scheduler.state_dict() if self.scheduler is not None else None
+        return {"kind": self.kind,
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
 
     def load_state_dict(self, state: dict | None) -> None:
-        if self.scheduler is not None and state is not None:
-            self.scheduler.load_state_dict(state)
+        """Continue the saved schedule; a resume that switched train.lr_schedule starts the
+        new kind afresh (another kind's state would not mean anything to it)."""
+        if self.scheduler is not None and state and state.get("kind") == self.kind:
+            self.scheduler.load_state_dict(state["scheduler"])
 
 
 class EarlyStopping:

@@ -42,6 +42,26 @@ def test_cosine_goes_from_lr_to_lr_min():
     assert got == pytest.approx(expected)
 
 
+def test_saved_schedule_continues_and_another_kind_starts_afresh():
+    def schedule(kind):
+        cfg = config_from_dict({}, ["train.epochs=6", "train.lr=1.0", "train.lr_min=0.1",
+                                    f"train.lr_schedule={kind}", "train.lr_step_size=1",
+                                    "train.lr_gamma=0.5"])
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.train.lr)
+        return LRSchedule(cfg.train, opt), opt
+
+    first, _ = schedule("cosine")
+    for _ in range(3):
+        first.scheduler.optimizer.step()
+        first.after_epoch(None)
+    resumed, _ = schedule("cosine")
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.scheduler.last_epoch == 3
+    switched, opt = schedule("step")
+    switched.load_state_dict(first.state_dict())  # a cosine state means nothing to step
+    assert switched.scheduler.last_epoch == 0 and opt.param_groups[0]["lr"] == 1.0
+
+
 def test_plateau_decays_after_patience_and_only_on_evaluations():
     val = [5.0, 4.0, 4.5, None, 4.6, 4.7, 4.8, 3.0]
     got = lrs_over(["train.lr_schedule=plateau", "train.plateau_patience=1",
