@@ -35,6 +35,7 @@ from rnnlm.models import build_model
 from rnnlm.trainer import train
 from rnnlm.truncation import Truncation
 from tests.conftest import ROOT
+from tests.test_models import copy_into_twin
 
 V = 7
 
@@ -82,14 +83,6 @@ def test_state_gradients_follow_the_closed_form_of_the_linear_rnn(backward):
         np.testing.assert_allclose(measured, expected, rtol=1e-10, atol=1e-14)
     # d = 0 is the last step: there dL/dh_T has only the direct term
     assert last[0] == pytest.approx(float(hs.grad[-1].norm(dim=-1).mean()), rel=1e-10)
-
-
-def copy_into_twin(scratch, twin):
-    with torch.no_grad():
-        for k, layer in enumerate(scratch.layers):
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                getattr(twin.rnn, f"{name}_l{k}").copy_(getattr(layer, name))
-        twin.output.load_state_dict(scratch.output.state_dict())
 
 
 @pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
