@@ -40,6 +40,7 @@ BOOK_PRESETS = ["rnn_scratch", "rnn_scratch_random", "gru_scratch", "lstm_scratc
                 "gru", "lstm"]
 REFERENCE = ROOT.parent / "shared" / "tools" / "d2l_reference.sh"
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+GEN_REPEATS = 3  # generation runs of each side, taken in turns
 
 
 def gates_of(kind: str) -> int:
@@ -132,7 +133,7 @@ def run_reference(preset: str, epochs: int) -> dict | None:
     return {"tokens_per_s": result["tokens_per_s_median"], "ppl": result["ppl"]}
 
 
-def generation_speed(num_chars: int, device: str, repeats: int = 3) -> dict:
+def generation_speed(num_chars: int, device: str, repeats: int = GEN_REPEATS) -> dict:
     """Characters/s of our sampler (greedy, scratch RNN h512) and of D2L's predict_ch8, each
     the median of `repeats` runs taken in turns, so that a slow moment of this shared machine
     does not fall on one side only."""
@@ -251,7 +252,7 @@ def main(argv=None) -> int:
                  + "; ".join(twins) + ".") if twins else ""
     gen_ratio = gen["reference"] and gen["ours"] / gen["reference"]
     gen_line = (f"Generation (scratch RNN h512, greedy, {args.gen_chars:,} characters, median "
-                f"of 3 runs each, taken in turns): ours "
+                f"of {GEN_REPEATS} runs each, taken in turns): ours "
                 f"{gen['ours']:,.0f} chars/s, D2L predict_ch8 {fmt(gen['reference'])} chars/s, "
                 f"ratio {fmt(gen_ratio, '.1f', suffix='x')}.")
     command = "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
