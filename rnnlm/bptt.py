@@ -27,8 +27,12 @@ Holds:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch.autograd.function import once_differentiable
+
+from rnnlm.scripting import scripted
 
 _ACTIVATIONS = ("tanh", "identity")
 
@@ -52,6 +56,57 @@ def _check_window(xw: torch.Tensor, h0: torch.Tensor, W_hh: torch.Tensor, activa
     return xi.detach().to(device=xw.device, dtype=xw.dtype)
 
 
+@scripted
+def _rnn_forward_loop(xw: torch.Tensor, h0: torch.Tensor, W_hh: torch.Tensor,
+                      tanh: bool) -> torch.Tensor:
+    """[h0, h1, ..., hT] (T + 1, B, H): step t reads buf[t] and writes buf[t+1], so the
+    backward gets the stacked h_{t-1} = buf[:-1] for its single dW GEMM without a copy."""
+    T, B, H = xw.shape[0], xw.shape[1], xw.shape[2]
+    buf = xw.new_empty((T + 1, B, H))
+    buf[0].copy_(h0)
+    # h @ W^T through a transposed view is ~1.7x slower than through a contiguous (in, out)
+    # matrix for these small-M products on MKL: one H x H copy per window pays for itself.
+    W_t = W_hh.t().contiguous()
+    for t in range(T):
+        h = buf[t + 1]
+        torch.addmm(xw[t], buf[t], W_t, out=h)
+        if tanh:
+            h.tanh_()
+    return buf
+
+
+@scripted
+def _rnn_backward_loop(buf: torch.Tensor, dhs: torch.Tensor, W_hh: torch.Tensor, tanh: bool,
+                       xi: Optional[torch.Tensor]) -> torch.Tensor:
+    """da_t for every step (T, B, H), which is also d xw."""
+    hs = buf[1:]
+    T, B, H = hs.shape[0], hs.shape[1], hs.shape[2]
+    # dA doubles as the buffer for phi'(a_t): 1 - h_t^2 is computed for the whole window in
+    # one vectorized op, then each step multiplies its slice in place by g_t.
+    if tanh:
+        dA = hs.square()
+        dA.neg_().add_(1)
+        dA[-1].mul_(dhs[-1])
+    else:
+        dA = torch.empty_like(hs)
+        dA[-1].copy_(dhs[-1])
+    g = hs.new_empty((B, H))  # g_t, reused at every step (tanh only)
+    carry = hs.new_empty((B, H))  # da_{t+1} @ W_hh before the xi_{t+1} scaling
+    for t in range(T - 2, -1, -1):
+        nxt = dA[t + 1]
+        # g_t = dL/dh_t(direct) + xi_{t+1} * da_{t+1} @ W_hh; for identity g_t is da_t, so it
+        # is written straight into dA[t]. xi stays a tensor (addcmul): no host sync.
+        dst = g if tanh else dA[t]
+        if xi is None:
+            torch.addmm(dhs[t], nxt, W_hh, out=dst)
+        else:
+            torch.mm(nxt, W_hh, out=carry)
+            torch.addcmul(dhs[t], carry, xi[t + 1], out=dst)
+        if tanh:
+            dA[t].mul_(g)
+    return dA
+
+
 class ManualRNNWindow(torch.autograd.Function):
     """hs = RNN window (T, B, H) with the BPTT backward written out (module docstring).
 
@@ -62,20 +117,8 @@ class ManualRNNWindow(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xw, h0, W_hh, activation: str, xi):
         xi = _check_window(xw, h0, W_hh, activation, xi)
-        T, B, H = xw.shape
-        # One buffer holds [h0, h1, ..., hT]: step t reads buf[t] and writes buf[t+1], and the
-        # backward gets the stacked h_{t-1} = buf[:-1] for its single dW GEMM without a copy.
-        buf = xw.new_empty((T + 1, B, H))
-        buf[0].copy_(h0)
-        # h @ W^T through a transposed view is ~1.7x slower than through a contiguous (in, out)
-        # matrix for these small-M products on MKL: one H x H copy per window pays for itself.
-        W_t = W_hh.t().contiguous()
         tanh = activation == "tanh"
-        for t in range(T):
-            h = buf[t + 1]
-            torch.addmm(xw[t], buf[t], W_t, out=h)
-            if tanh:
-                h.tanh_()
+        buf = _rnn_forward_loop(xw, h0, W_hh, tanh)
         ctx.tanh = tanh
         ctx.has_xi = xi is not None
         # h_t (not a_t) is enough: tanh'(a_t) = 1 - h_t^2 and identity' = 1.
@@ -94,31 +137,7 @@ class ManualRNNWindow(torch.autograd.Function):
         T, B, H = hs.shape
         tanh = ctx.tanh
 
-        # dA doubles as the buffer for phi'(a_t): 1 - h_t^2 is computed for the whole window in
-        # one vectorized op, then each step multiplies its slice in place by g_t.
-        if tanh:
-            dA = hs.square()
-            dA.neg_().add_(1)  # (T, B, H)
-            dA[-1].mul_(dhs[-1])
-            g = hs.new_empty((B, H))  # g_t, reused at every step
-        else:
-            dA = torch.empty_like(hs)
-            dA[-1].copy_(dhs[-1])
-        if xi is not None:
-            carry = hs.new_empty((B, H))  # da_{t+1} @ W_hh before the xi_{t+1} scaling
-
-        for t in range(T - 2, -1, -1):
-            nxt = dA[t + 1]
-            # g_t = dL/dh_t(direct) + xi_{t+1} * da_{t+1} @ W_hh; for identity g_t is da_t, so it
-            # is written straight into dA[t]. xi stays a tensor (addcmul): no host sync.
-            dst = g if tanh else dA[t]
-            if xi is None:
-                torch.addmm(dhs[t], nxt, W_hh, out=dst)
-            else:
-                torch.mm(nxt, W_hh, out=carry)
-                torch.addcmul(dhs[t], carry, xi[t + 1], out=dst)
-            if tanh:
-                dA[t].mul_(g)
+        dA = _rnn_backward_loop(buf, dhs, W_hh, tanh, xi)
 
         dh0 = None
         if need_h0:

@@ -20,12 +20,132 @@ truncation, see bptt.py); None means full backpropagation within the window.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch.autograd.function import once_differentiable
+
+from rnnlm.scripting import scripted
 
 
 def _check_xi(xi, like: torch.Tensor):
     return None if xi is None else xi.detach().to(device=like.device, dtype=like.dtype)
+
+
+@scripted
+def _lstm_forward_loop(xw: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+                       W_hh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                    torch.Tensor]:
+    """[h0..hT], [c0..cT] (T+1, B, H), gate activations (T, B, 4H), tanh(c_t) (T, B, H)."""
+    T, B, G = xw.shape[0], xw.shape[1], xw.shape[2]
+    H = G // 4
+    W_t = W_hh.t().contiguous()  # (H, 4H)
+    hbuf = xw.new_empty((T + 1, B, H))  # [h0, h1, ..., hT]
+    cbuf = xw.new_empty((T + 1, B, H))  # [c0, c1, ..., cT]
+    acts = xw.new_empty((T, B, G))  # sigma(i), sigma(f), tanh(g), sigma(o)
+    tanh_c = xw.new_empty((T, B, H))
+    pre = xw.new_empty((B, G))
+    hbuf[0].copy_(h0)
+    cbuf[0].copy_(c0)
+    for t in range(T):
+        torch.addmm(xw[t], hbuf[t], W_t, out=pre)
+        a = acts[t]
+        torch.sigmoid(pre, out=a)
+        torch.tanh(pre[:, 2 * H: 3 * H], out=a[:, 2 * H: 3 * H])
+        c = cbuf[t + 1]
+        torch.mul(a[:, H: 2 * H], cbuf[t], out=c)  # f * c_{t-1}
+        c.addcmul_(a[:, :H], a[:, 2 * H: 3 * H])  # + i * g
+        torch.tanh(c, out=tanh_c[t])
+        torch.mul(a[:, 3 * H:], tanh_c[t], out=hbuf[t + 1])  # o * tanh(c)
+    return hbuf, cbuf, acts, tanh_c
+
+
+@scripted
+def _lstm_backward_loop(dhs: torch.Tensor, dc: torch.Tensor, hbuf: torch.Tensor,
+                        cbuf: torch.Tensor, acts: torch.Tensor, tanh_c: torch.Tensor,
+                        W_hh: torch.Tensor, xi: Optional[torch.Tensor]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """d gates (T, B, 4H), which is also d xw; dc (B, H) becomes dL/dc_0 in place."""
+    T, B, G = acts.shape[0], acts.shape[1], acts.shape[2]
+    H = G // 4
+    i, f, g, o = acts[..., :H], acts[..., H: 2 * H], acts[..., 2 * H: 3 * H], acts[..., 3 * H:]
+    # Factors for the whole window (module docstring): dgates_t = [dc*Pi, dc*Pf, dc*Pg,
+    # dh*Po] and dc_t += dh_t * Q_t, with dc_t carried back as dc_t * f_t.
+    factors = torch.empty_like(acts)
+    Pi, Pf = factors[..., :H], factors[..., H: 2 * H]
+    Pg, Po = factors[..., 2 * H: 3 * H], factors[..., 3 * H:]
+    torch.mul(g, i * (1 - i), out=Pi)
+    torch.mul(cbuf[:-1], f * (1 - f), out=Pf)
+    torch.mul(i, 1 - g * g, out=Pg)
+    torch.mul(tanh_c, o * (1 - o), out=Po)
+    Q = o * (1 - tanh_c * tanh_c)
+    P3 = factors[..., : 3 * H].unflatten(-1, (3, H))  # (T, B, 3, H)
+
+    dgates = torch.empty_like(acts)  # (T, B, 4H)
+    dg3 = dgates[..., : 3 * H].unflatten(-1, (3, H))
+    dh = hbuf.new_empty((B, H))
+    for t in range(T - 1, -1, -1):
+        if t == T - 1:
+            dh.copy_(dhs[t])
+        elif xi is None:  # dh_t = dhs_t + dgates_{t+1} W_hh
+            torch.addmm(dhs[t], dgates[t + 1], W_hh, out=dh)
+        else:
+            torch.mm(dgates[t + 1], W_hh, out=dh)
+            dh.mul_(xi[t + 1]).add_(dhs[t])
+        dc.addcmul_(dh, Q[t])
+        torch.mul(dh, Po[t], out=dgates[t][:, 3 * H:])
+        torch.mul(dc.unsqueeze(1), P3[t], out=dg3[t])
+        dc.mul_(f[t])
+        if xi is not None:
+            dc.mul_(xi[t])
+    return dgates, dc
+
+
+@scripted
+def _gru_forward_loop(xw: torch.Tensor, h0: torch.Tensor, W_hh: torch.Tensor,
+                      b_hh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                   torch.Tensor]:
+    """[h0..hT] (T+1, B, H), W_hh h_{t-1} + b_hh (T, B, 3H), r|z (T, B, 2H), n (T, B, H)."""
+    T, B, G = xw.shape[0], xw.shape[1], xw.shape[2]
+    H = G // 3
+    W_t = W_hh.t().contiguous()  # (H, 3H)
+    hbuf = xw.new_empty((T + 1, B, H))
+    gh = xw.new_empty((T, B, G))  # W_hh h_{t-1} + b_hh (hn is needed by the backward)
+    rz = xw.new_empty((T, B, 2 * H))
+    n = xw.new_empty((T, B, H))
+    diff = xw.new_empty((B, H))
+    hbuf[0].copy_(h0)
+    for t in range(T):
+        torch.addmm(b_hh, hbuf[t], W_t, out=gh[t])
+        torch.add(xw[t, :, : 2 * H], gh[t, :, : 2 * H], out=rz[t]).sigmoid_()
+        torch.addcmul(xw[t, :, 2 * H:], rz[t, :, :H], gh[t, :, 2 * H:], out=n[t]).tanh_()
+        torch.sub(hbuf[t], n[t], out=diff)
+        torch.addcmul(n[t], rz[t, :, H:], diff, out=hbuf[t + 1])  # n + z * (h - n)
+    return hbuf, gh, rz, n
+
+
+@scripted
+def _gru_backward_loop(dhs: torch.Tensor, z: torch.Tensor, to_gh: torch.Tensor,
+                       W_hh: torch.Tensor, xi: Optional[torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """d(W_hh h_{t-1} + b_hh) (T, B, 3H) and dL/dh_t (T, B, H) for every step."""
+    T, B, H = dhs.shape[0], dhs.shape[1], dhs.shape[2]
+    dgh = dhs.new_empty((T, B, 3 * H))
+    dgh3 = dgh.unflatten(-1, (3, H))
+    dh_all = dhs.new_empty((T, B, H))  # dL/dh_t, kept for the vectorised d xw
+    for t in range(T - 1, -1, -1):
+        dh = dh_all[t]
+        # dh_t = dhs_t + xi_{t+1} (z_{t+1} dh_{t+1} + dgh_{t+1} W_hh)
+        if t == T - 1:
+            dh.copy_(dhs[t])
+        elif xi is None:
+            torch.addcmul(dhs[t], z[t + 1], dh_all[t + 1], out=dh)
+            dh.addmm_(dgh[t + 1], W_hh)
+        else:
+            torch.mm(dgh[t + 1], W_hh, out=dh)
+            dh.addcmul_(z[t + 1], dh_all[t + 1]).mul_(xi[t + 1]).add_(dhs[t])
+        torch.mul(dh.unsqueeze(1), to_gh[t], out=dgh3[t])
+    return dgh, dh_all
 
 
 class LSTMWindow(torch.autograd.Function):
@@ -33,30 +153,11 @@ class LSTMWindow(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xw, h0, c0, W_hh, xi):
-        T, B, G = xw.shape
-        H = G // 4
-        W_t = W_hh.t().contiguous()  # (H, 4H)
-        hbuf = xw.new_empty((T + 1, B, H))  # [h0, h1, ..., hT]
-        cbuf = xw.new_empty((T + 1, B, H))  # [c0, c1, ..., cT]
-        acts = xw.new_empty((T, B, G))  # sigma(i), sigma(f), tanh(g), sigma(o)
-        tanh_c = xw.new_empty((T, B, H))
-        pre = xw.new_empty((B, G))
-        hbuf[0].copy_(h0)
-        cbuf[0].copy_(c0)
-        for t in range(T):
-            torch.addmm(xw[t], hbuf[t], W_t, out=pre)
-            a = acts[t]
-            torch.sigmoid(pre, out=a)
-            torch.tanh(pre[:, 2 * H: 3 * H], out=a[:, 2 * H: 3 * H])
-            c = cbuf[t + 1]
-            torch.mul(a[:, H: 2 * H], cbuf[t], out=c)  # f * c_{t-1}
-            c.addcmul_(a[:, :H], a[:, 2 * H: 3 * H])  # + i * g
-            torch.tanh(c, out=tanh_c[t])
-            torch.mul(a[:, 3 * H:], tanh_c[t], out=hbuf[t + 1])  # o * tanh(c)
+        hbuf, cbuf, acts, tanh_c = _lstm_forward_loop(xw, h0, c0, W_hh)
         ctx.save_for_backward(hbuf, cbuf, acts, tanh_c, W_hh,
                               *(() if xi is None else (_check_xi(xi, xw),)))
         ctx.has_xi = xi is not None
-        return hbuf[1:], cbuf[T].clone()
+        return hbuf[1:], cbuf[-1].clone()
 
     @staticmethod
     @once_differentiable
@@ -65,36 +166,8 @@ class LSTMWindow(torch.autograd.Function):
         xi = rest[0] if ctx.has_xi else None
         T, B, G = acts.shape
         H = G // 4
-        i, f, g, o = acts.split(H, dim=-1)
-        # Factors for the whole window (module docstring): dgates_t = [dc*Pi, dc*Pf, dc*Pg,
-        # dh*Po] and dc_t += dh_t * Q_t, with dc_t carried back as dc_t * f_t.
-        factors = torch.empty_like(acts)
-        Pi, Pf, Pg, Po = factors.split(H, dim=-1)
-        torch.mul(g, i * (1 - i), out=Pi)
-        torch.mul(cbuf[:-1], f * (1 - f), out=Pf)
-        torch.mul(i, 1 - g * g, out=Pg)
-        torch.mul(tanh_c, o * (1 - o), out=Po)
-        Q = o * (1 - tanh_c * tanh_c)
-        P3 = factors[..., : 3 * H].unflatten(-1, (3, H))  # (T, B, 3, H)
-
-        dgates = torch.empty_like(acts)  # (T, B, 4H): also d xw
-        dg3 = dgates[..., : 3 * H].unflatten(-1, (3, H))
-        dh = hbuf.new_empty((B, H))
         dc = dcT.clone() if dcT is not None else hbuf.new_zeros((B, H))
-        for t in range(T - 1, -1, -1):
-            if t == T - 1:
-                dh.copy_(dhs[t])
-            elif xi is None:  # dh_t = dhs_t + dgates_{t+1} W_hh
-                torch.addmm(dhs[t], dgates[t + 1], W_hh, out=dh)
-            else:
-                torch.mm(dgates[t + 1], W_hh, out=dh)
-                dh.mul_(xi[t + 1]).add_(dhs[t])
-            dc.addcmul_(dh, Q[t])
-            torch.mul(dh, Po[t], out=dgates[t][:, 3 * H:])
-            torch.mul(dc.unsqueeze(1), P3[t], out=dg3[t])
-            dc.mul_(f[t])
-            if xi is not None:
-                dc.mul_(xi[t])
+        dgates, dc = _lstm_backward_loop(dhs, dc, hbuf, cbuf, acts, tanh_c, W_hh, xi)
         dh0 = dgates[0] @ W_hh
         if xi is not None:
             dh0.mul_(xi[0])
@@ -107,21 +180,7 @@ class GRUWindow(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xw, h0, W_hh, b_hh, xi):
-        T, B, G = xw.shape
-        H = G // 3
-        W_t = W_hh.t().contiguous()  # (H, 3H)
-        hbuf = xw.new_empty((T + 1, B, H))
-        gh = xw.new_empty((T, B, G))  # W_hh h_{t-1} + b_hh (hn is needed by the backward)
-        rz = xw.new_empty((T, B, 2 * H))
-        n = xw.new_empty((T, B, H))
-        diff = xw.new_empty((B, H))
-        hbuf[0].copy_(h0)
-        for t in range(T):
-            torch.addmm(b_hh, hbuf[t], W_t, out=gh[t])
-            torch.add(xw[t, :, : 2 * H], gh[t, :, : 2 * H], out=rz[t]).sigmoid_()
-            torch.addcmul(xw[t, :, 2 * H:], rz[t, :, :H], gh[t, :, 2 * H:], out=n[t]).tanh_()
-            torch.sub(hbuf[t], n[t], out=diff)
-            torch.addcmul(n[t], rz[t, :, H:], diff, out=hbuf[t + 1])  # n + z * (h - n)
+        hbuf, gh, rz, n = _gru_forward_loop(xw, h0, W_hh, b_hh)
         ctx.save_for_backward(hbuf, gh, rz, n, W_hh,
                               *(() if xi is None else (_check_xi(xi, xw),)))
         ctx.has_xi = xi is not None
@@ -143,21 +202,7 @@ class GRUWindow(torch.autograd.Function):
         A_r = A_n * hn * r * (1 - r)
         to_gh = torch.stack([A_r, A_z, A_n * r], dim=2)  # (T, B, 3, H)
 
-        dgh = torch.empty_like(gh)  # d(W_hh h_{t-1} + b_hh), (T, B, 3H)
-        dgh3 = dgh.unflatten(-1, (3, H))
-        dh_all = hbuf.new_empty((T, B, H))  # dL/dh_t, kept for the vectorised d xw
-        for t in range(T - 1, -1, -1):
-            dh = dh_all[t]
-            # dh_t = dhs_t + xi_{t+1} (z_{t+1} dh_{t+1} + dgh_{t+1} W_hh)
-            if t == T - 1:
-                dh.copy_(dhs[t])
-            elif xi is None:
-                torch.addcmul(dhs[t], z[t + 1], dh_all[t + 1], out=dh)
-                dh.addmm_(dgh[t + 1], W_hh)
-            else:
-                torch.mm(dgh[t + 1], W_hh, out=dh)
-                dh.addcmul_(z[t + 1], dh_all[t + 1]).mul_(xi[t + 1]).add_(dhs[t])
-            torch.mul(dh.unsqueeze(1), to_gh[t], out=dgh3[t])
+        dgh, dh_all = _gru_backward_loop(dhs, z, to_gh, W_hh, xi)
         dh0 = torch.addcmul(dgh[0] @ W_hh, z[0], dh_all[0])
         if xi is not None:
             dh0.mul_(xi[0])

@@ -1,0 +1,57 @@
+"""TorchScript for the hand-written recurrent loops, compiled on first use.
+
+A window's loop is T small steps of a few ops each. Run from Python, every op pays the
+interpreter's dispatch and holds the GIL between ops, so two batch shards on two threads
+(`rnnlm.shards`) mostly wait for each other. A TorchScript function runs the whole loop in
+C++ with the GIL released: the shards then truly run side by side, one per core, and each op
+costs less. The loops use only `out=` and in-place ops, which TorchScript runs as written (no
+fusion), so the numbers are the same as the Python loop's, bit for bit.
+
+torch 2.13 marks torch.jit.script deprecated in favour of torch.compile. We keep it here on
+purpose: torch.compile's generated code calls its kernels from Python (GIL held between
+them), compiles for 45-95 s cold on this CPU, and gained 1.10-1.16x where TorchScript plus
+batch shards gains more (docs/benchmarks.md). The warning is silenced for these calls only,
+and a torch without torch.jit.script runs the plain Python loop (same results, slower).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import warnings
+
+import torch
+
+
+def scripted(fn):
+    """`fn` compiled with torch.jit.script at its first call on CPU tensors (not at import:
+    compiling costs tens of milliseconds that a run which never takes the manual path should
+    not pay). On a GPU the plain function runs: its kernels are queued asynchronously anyway,
+    CUDA graphs (train.cuda_graphs) remove the launch cost, and the graph capture should not
+    meet TorchScript's profiling runs. The first argument must be a tensor."""
+    compiled = None
+    lock = threading.Lock()  # shard threads may make the first call together
+
+    @functools.wraps(fn)
+    def call(*args):
+        nonlocal compiled
+        if args[0].device.type != "cpu":
+            return fn(*args)
+        if compiled is None:
+            with lock:
+                if compiled is None:
+                    compiled = _script(fn)
+        return compiled(*args)
+
+    call.python = fn  # the plain function, for tests and for reading
+    return call
+
+
+def _script(fn):
+    script = getattr(torch.jit, "script", None)
+    if script is None:
+        return fn
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated",
+                                category=DeprecationWarning)
+        return script(fn)
