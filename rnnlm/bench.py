@@ -33,6 +33,8 @@ from rnnlm.config import load_config
 from rnnlm.data import load_corpus
 from rnnlm.models import build_model
 from rnnlm.sampling import generate
+from rnnlm.scripting import scripted
+from rnnlm.shards import shard_pool
 from rnnlm.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,50 +68,73 @@ def _median_seconds(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+@scripted
+def _batch_matmuls(h: torch.Tensor, w_f: torch.Tensor, w_b: torch.Tensor, dgates: torch.Tensor,
+                   window_h: torch.Tensor, window_g: torch.Tensor, x_in: torch.Tensor,
+                   w_in: torch.Tensor, w_out: torch.Tensor, d_out: torch.Tensor,
+                   out_f: torch.Tensor, out_b: torch.Tensor, layers: int,
+                   steps: int) -> list[torch.Tensor]:
+    """The matmuls of one training batch, run like the training loops (TorchScript, GIL
+    released), so the roofline is not lowered by Python overhead the trainer does not pay.
+    Every product is returned or written to an out= buffer: TorchScript drops unused ones."""
+    kept: list[torch.Tensor] = []
+    for k in range(layers):
+        inputs = x_in if k == 0 else window_h
+        weights = w_in if k == 0 else w_f
+        kept.append(torch.mm(inputs, weights))  # input projection of the window
+        for _ in range(steps):
+            torch.mm(h, w_f, out=out_f)
+        for _ in range(steps):
+            torch.mm(dgates, w_b, out=out_b)
+        kept.append(torch.mm(window_g.t(), window_h))  # dW_hh
+        kept.append(torch.mm(window_g.t(), inputs))  # dW_ih
+        kept.append(torch.mm(window_g, w_b))  # d inputs
+    kept.append(torch.mm(window_h, w_out))  # output layer
+    kept.append(torch.mm(d_out, w_out.t()))
+    kept.append(torch.mm(window_h.t(), d_out))
+    return kept
+
+
 def matmul_roofline(kind: str, hidden: int, layers: int, vocab: int, batch: int, steps: int,
-                    reps: int = 20) -> float:
+                    shards: int = 1, reps: int = 20) -> float:
     """GFLOP/s of exactly the matmuls one training batch needs, at the model's own shapes, each
     in its fastest layout: the per-step recurrent products (B, H) @ (H, G*H) forward and
-    (B, G*H) @ (G*H, H) backward, and the window-wide input, output and weight-gradient GEMMs."""
-    G, H, T, B, V = gates_of(kind), hidden, steps, batch, vocab
+    (B, G*H) @ (G*H, H) backward, and the window-wide input, output and weight-gradient GEMMs.
+    shards > 1 measures the layout of train.batch_shards: each shard's lanes on its own thread
+    with one intra-op thread each, all running at once."""
+    G, H, T, V = gates_of(kind), hidden, steps, vocab
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape):
         return torch.randn(*shape, generator=g)
 
-    h, w_f, w_b = rand(B, H), rand(H, G * H), rand(G * H, H)
-    dgates = rand(B, G * H)
-    window_h, window_g = rand(T * B, H), rand(T * B, G * H)
-    x_in, w_in = rand(T * B, vocab), rand(vocab, G * H)
-    w_out, d_out = rand(H, V), rand(T * B, V)
-    out_f, out_b = torch.empty(B, G * H), torch.empty(B, H)
+    def operands(B):
+        return (rand(B, H), rand(H, G * H), rand(G * H, H), rand(B, G * H), rand(T * B, H),
+                rand(T * B, G * H), rand(T * B, vocab), rand(vocab, G * H), rand(H, V),
+                rand(T * B, V), torch.empty(B, G * H), torch.empty(B, H), layers, T)
 
-    def one_batch():
-        for k in range(layers):
-            inputs = x_in if k == 0 else window_h
-            weights = w_in if k == 0 else w_f
-            torch.mm(inputs, weights)  # input projection of the window
-            for _ in range(T):
-                torch.mm(h, w_f, out=out_f)
-            for _ in range(T):
-                torch.mm(dgates, w_b, out=out_b)
-            torch.mm(window_g.t(), window_h)  # dW_hh
-            torch.mm(window_g.t(), inputs)  # dW_ih
-            torch.mm(window_g, w_b)  # d inputs
-        torch.mm(window_h, w_out)  # output layer
-        torch.mm(d_out, w_out.t())
-        torch.mm(window_h.t(), d_out)
-
-    seconds = _median_seconds(one_batch, reps)
-    flops = flops_per_token(kind, H, layers, V, V) * T * B
+    lanes = [len(part) for part in torch.arange(batch).tensor_split(shards)]
+    per_shard = [operands(n) for n in lanes]
+    if shards == 1:
+        seconds = _median_seconds(lambda: _batch_matmuls(*per_shard[0]), reps)
+    else:
+        pool = shard_pool(shards, threads_per_shard=1)
+        try:
+            seconds = _median_seconds(
+                lambda: list(pool.map(lambda ops: _batch_matmuls(*ops), per_shard)), reps)
+        finally:
+            pool.shutdown()
+    flops = flops_per_token(kind, H, layers, V, V) * T * batch
     return flops / seconds / 1e9
 
 
 def run_ours(preset: str, epochs: int, warmup: int, out_root: Path, device: str,
              overrides: list[str]) -> dict:
+    """Train `epochs` epochs in this process: final perplexity, and tokens/s as the median
+    over the epochs after the first `warmup`."""
     out_dir = out_root / preset / str(len(list((out_root / preset).glob("*"))))
     cfg = load_config(ROOT / "configs" / f"{preset}.yaml",
-                      [f"train.epochs={epochs + warmup}", f"out_dir={out_dir}",
+                      [f"train.epochs={epochs}", f"out_dir={out_dir}",
                        f"device={device}", "train.predict_every=0", *overrides])
     with open(os.devnull, "w") as sink:
         record = train(cfg, quiet=True, out=sink)
@@ -131,6 +156,33 @@ def run_reference(preset: str, epochs: int) -> dict | None:
         return None
     result = json.loads(proc.stdout.splitlines()[0])
     return {"tokens_per_s": result["tokens_per_s_median"], "ppl": result["ppl"]}
+
+
+def paired_speeds(preset: str, settings: list[str], overrides, rounds: int, epochs: int,
+                  warmup: int, out_root: Path, device: str, use_reference: bool) -> dict:
+    """Tokens/s per round of each setting and of the reference ("ref"), run in turns: round
+    after round, ours (each setting) then the reference, for `epochs` epochs each. This
+    machine's speed drifts by tens of percent over minutes; a ratio taken within one round
+    compares the two trainers at the same moment, and the median over rounds is what the
+    table reports (with the range)."""
+    speeds: dict[str, list] = {setting: [] for setting in [*settings, "ref"]}
+    for _ in range(rounds):
+        for setting in settings:
+            speeds[setting].append(run_ours(preset, warmup + epochs, warmup, out_root, device,
+                                            overrides(setting))["tokens_per_s"])
+        ref = run_reference(preset, epochs) if use_reference else None
+        speeds["ref"].append(ref and ref["tokens_per_s"])
+    return speeds
+
+
+def paired_ratios(ours: list[float], other: list[float | None]) -> list[float]:
+    """ours[i] / other[i] for the rounds where both were measured."""
+    return [a / b for a, b in zip(ours, other) if a and b]
+
+
+def median_or_none(values: list) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
 def generation_speed(num_chars: int, device: str, repeats: int = GEN_REPEATS) -> dict:
@@ -195,42 +247,66 @@ def main(argv=None) -> int:
                         help="override for our runs, e.g. --set train.threads=1")
     parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,...]",
                         help="also train each preset with these overrides (repeatable)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="speed rounds: ours and the reference trained --round-epochs "
+                             "epochs in turn, this many times; speeds and ratios are medians "
+                             "over rounds (0: the speeds of the long runs)")
+    parser.add_argument("--round-epochs", type=int, default=20)
     parser.add_argument("--write", default=str(ROOT / "docs" / "benchmarks.md"),
                         help="markdown file for the table ('' to skip)")
     args = parser.parse_args(argv)
 
     rows = []
+    use_reference = not args.no_reference and args.device == "cpu"
+    settings = ["", *args.variant]  # "" is the preset itself
+
+    def overrides(setting: str) -> list[str]:
+        return [*args.set, *(setting.split(",") if setting else [])]
+
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
-            print(f"{preset}: training {args.epochs} epochs ...", file=sys.stderr, flush=True)
-            ours = run_ours(preset, args.epochs, args.warmup, Path(tmp), args.device, args.set)
-            ref = None if args.no_reference or args.device != "cpu" else \
-                run_reference(preset, args.epochs)
-            m, d, vocab = ours["cfg"].model, ours["cfg"].data, ours["vocab"]
+            long = {}
+            for setting in settings:
+                print(f"{preset}{' with ' + setting if setting else ''}: training "
+                      f"{args.epochs} epochs ...", file=sys.stderr, flush=True)
+                long[setting] = run_ours(preset, args.epochs, args.warmup, Path(tmp),
+                                         args.device, overrides(setting))
+            ref = run_reference(preset, args.epochs) if use_reference else None
+            if args.rounds:
+                print(f"{preset}: {args.rounds} speed rounds of {args.round_epochs} epochs "
+                      "each, in turns ...", file=sys.stderr, flush=True)
+                speeds = paired_speeds(preset, settings, overrides, args.rounds,
+                                       args.round_epochs, args.warmup, Path(tmp), args.device,
+                                       use_reference)
+            else:  # the long runs' own speeds
+                speeds = {setting: [long[setting]["tokens_per_s"]] for setting in settings}
+                speeds["ref"] = [ref and ref["tokens_per_s"]]
+            m, d, vocab = long[""]["cfg"].model, long[""]["cfg"].data, long[""]["vocab"]
             fpt = flops_per_token(m.kind, m.hidden_size, m.num_layers, vocab, vocab)
             gflops = None
             if args.device == "cpu":
-                gflops = matmul_roofline(m.kind, m.hidden_size, m.num_layers, vocab,
-                                         d.batch_size, d.num_steps)
+                # the better of the two ways the trainer can use the cores (one batch on all
+                # threads, or one shard of lanes per core: train.batch_shards)
+                gflops = max(matmul_roofline(m.kind, m.hidden_size, m.num_layers, vocab,
+                                             d.batch_size, d.num_steps, shards=shards)
+                             for shards in (1, 2))
             roofline = None if gflops is None else gflops * 1e9 / fpt
-            base = ours["tokens_per_s"]
-            for variant in ["", *args.variant]:
-                if variant:
-                    print(f"{preset} with {variant}: training {args.epochs} epochs ...",
-                          file=sys.stderr, flush=True)
-                    ours = run_ours(preset, args.epochs, args.warmup, Path(tmp), args.device,
-                                    [*args.set, *variant.split(",")])
+            for setting in settings:
+                ours = statistics.median(speeds[setting])
+                ratios = paired_ratios(speeds[setting], speeds["ref"])
                 rows.append({
-                    "preset": preset + (f" + {variant}" if variant else ""),
-                    "ours": ours["tokens_per_s"], "ours_ppl": ours["ppl"],
-                    "ref": ref and ref["tokens_per_s"], "ref_ppl": ref and ref["ppl"],
-                    "ratio": ref and ours["tokens_per_s"] / ref["tokens_per_s"],
-                    "vs_preset": ours["tokens_per_s"] / base,
+                    "preset": preset + (f" + {setting}" if setting else ""),
+                    "ours": ours, "ours_ppl": long[setting]["ppl"],
+                    "ref": median_or_none(speeds["ref"]), "ref_ppl": ref and ref["ppl"],
+                    "ratio": median_or_none(ratios),
+                    "ratio_range": (min(ratios), max(ratios)) if len(ratios) > 1 else None,
+                    "vs_preset": statistics.median(paired_ratios(speeds[setting],
+                                                                 speeds[""])),
                     "mflop_per_token": fpt / 1e6, "gflops": gflops, "roofline": roofline,
-                    "fraction": roofline and ours["tokens_per_s"] / roofline,
+                    "fraction": roofline and ours / roofline,
                 })
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    gen = generation_speed(args.gen_chars, args.device)
+    gen = generation_speed(args.gen_chars, args.device) if args.gen_chars else None
 
     variants = bool(args.variant)
     header = ("| preset | ours tok/s | D2L tok/s | ratio | " + "vs preset | " * variants +
@@ -239,8 +315,9 @@ def main(argv=None) -> int:
     lines = [header, "|" + "---|" * (10 + variants)]
     for r in rows:
         vs_preset = f"{r['vs_preset']:.2f}x | " if variants else ""
+        spread = r["ratio_range"] and f" ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f})"
         lines.append(f"| {r['preset']} | {fmt(r['ours'])} | {fmt(r['ref'])} | "
-                     f"{fmt(r['ratio'], '.2f', suffix='x')} | {vs_preset}"
+                     f"{fmt(r['ratio'], '.2f', suffix='x')}{spread or ''} | {vs_preset}"
                      f"{r['mflop_per_token']:.2f} | "
                      f"{fmt(r['gflops'], '.0f')} | {fmt(r['roofline'])} | "
                      f"{fmt(r['fraction'] and 100 * r['fraction'], '.0f', suffix='%')} | "
@@ -250,17 +327,25 @@ def main(argv=None) -> int:
              for kind in ("gru", "lstm") if f"{kind}_scratch" in speed and kind in speed]
     twin_line = ("Scratch model against its torch.nn twin of the same size (ours, tokens/s): "
                  + "; ".join(twins) + ".") if twins else ""
-    gen_ratio = gen["reference"] and gen["ours"] / gen["reference"]
-    gen_line = (f"Generation (scratch RNN h512, greedy, {args.gen_chars:,} characters, median "
-                f"of {GEN_REPEATS} runs each, taken in turns): ours "
-                f"{gen['ours']:,.0f} chars/s, D2L predict_ch8 {fmt(gen['reference'])} chars/s, "
-                f"ratio {fmt(gen_ratio, '.1f', suffix='x')}.")
+    gen_ratio = gen and gen["reference"] and gen["ours"] / gen["reference"]
+    gen_line = gen and (
+        f"Generation (scratch RNN h512, greedy, {args.gen_chars:,} characters, median "
+        f"of {GEN_REPEATS} runs each, taken in turns): ours "
+        f"{gen['ours']:,.0f} chars/s, D2L predict_ch8 {fmt(gen['reference'])} chars/s, "
+        f"ratio {fmt(gen_ratio, '.1f', suffix='x')}.")
     command = "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.rounds:
+        how = (f"tokens/s: median over {args.rounds} rounds in which each trainer ran "
+               f"{args.round_epochs} epochs (after {args.warmup} warm-up) in turn, each round's "
+               f"figure the median over its epochs; ratio: median of the per-round ratios "
+               f"(range over rounds)")
+    else:
+        how = f"tokens/s: median over the epochs of the long run after {args.warmup} warm-up"
     report = "\n".join([
         f"Machine: {machine_line(args.device)}; device {args.device}.",
-        f"Command: `{command.strip()}` ({args.epochs} measured epochs after {args.warmup} "
-        f"warm-up; tokens/s is the median over epochs; ppl is the final training "
-        f"perplexity).", "", *lines, "", twin_line, "", gen_line])
+        f"Command: `{command.strip()}` ({how}; ppl: final training perplexity after "
+        f"{args.epochs} epochs, both trainers).", "", *lines,
+        *[f"\n{line}" for line in (twin_line, gen_line) if line]])
     print(report)
     if args.write:
         # one section per device and set of overrides: a bf16 or compiled run keeps its own

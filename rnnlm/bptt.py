@@ -27,8 +27,6 @@ Holds:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -77,7 +75,7 @@ def _rnn_forward_loop(xw: torch.Tensor, h0: torch.Tensor, W_hh: torch.Tensor,
 
 @scripted
 def _rnn_backward_loop(buf: torch.Tensor, dhs: torch.Tensor, W_hh: torch.Tensor, tanh: bool,
-                       xi: Optional[torch.Tensor]) -> torch.Tensor:
+                       xi: torch.Tensor | None) -> torch.Tensor:
     """da_t for every step (T, B, H), which is also d xw."""
     hs = buf[1:]
     T, B, H = hs.shape[0], hs.shape[1], hs.shape[2]

@@ -69,7 +69,7 @@ class TrainConfig:
     prefix: str = "time traveller"
     predict_every: int = 10  # epochs between greedy predictions; 0 = only at the end
     predict_chars: int = 50
-    threads: int | None = None  # torch intra-op threads; None: see trainer.set_threads
+    threads: int | None = None  # torch intra-op threads; None: see trainer.run_threads
     # Split each batch by lanes into this many groups, each run forward and backward on its
     # own CPU thread (shards.py): faster than splitting each small matmul across cores.
     batch_shards: int = 1

@@ -20,8 +20,6 @@ truncation, see bptt.py); None means full backpropagation within the window.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -63,7 +61,7 @@ def _lstm_forward_loop(xw: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
 @scripted
 def _lstm_backward_loop(dhs: torch.Tensor, dc: torch.Tensor, hbuf: torch.Tensor,
                         cbuf: torch.Tensor, acts: torch.Tensor, tanh_c: torch.Tensor,
-                        W_hh: torch.Tensor, xi: Optional[torch.Tensor]
+                        W_hh: torch.Tensor, xi: torch.Tensor | None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """d gates (T, B, 4H), which is also d xw; dc (B, H) becomes dL/dc_0 in place."""
     T, B, G = acts.shape[0], acts.shape[1], acts.shape[2]
@@ -126,7 +124,7 @@ def _gru_forward_loop(xw: torch.Tensor, h0: torch.Tensor, W_hh: torch.Tensor,
 
 @scripted
 def _gru_backward_loop(dhs: torch.Tensor, z: torch.Tensor, to_gh: torch.Tensor,
-                       W_hh: torch.Tensor, xi: Optional[torch.Tensor]
+                       W_hh: torch.Tensor, xi: torch.Tensor | None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """d(W_hh h_{t-1} + b_hh) (T, B, 3H) and dL/dh_t (T, B, H) for every step."""
     T, B, H = dhs.shape[0], dhs.shape[1], dhs.shape[2]

@@ -47,12 +47,24 @@ def forward_backward(model: LanguageModel, X, Y, state: State,
     return loss, tuple(s.to(dtype) for s in state)
 
 
+def shard_pool(num_shards: int, threads_per_shard: int | None = None) -> ThreadPoolExecutor:
+    """Threads for the shards, each with `threads_per_shard` intra-op threads (default: the
+    calling thread's count, 1 under train.batch_shards). Setting it inside every worker
+    matters: torch.set_num_threads in the main thread does not reach OpenMP/MKL in threads
+    started later, which otherwise use every core each (two shards then run four threads on
+    two cores, and some products get several times slower)."""
+    threads = threads_per_shard or torch.get_num_threads()
+    return ThreadPoolExecutor(num_shards, thread_name_prefix="rnnlm-shard",
+                              initializer=torch.set_num_threads, initargs=(threads,))
+
+
 class ShardedForwardBackward:
     """Drop-in for `forward_backward` that runs `num_shards` lane groups on their own threads."""
 
-    def __init__(self, num_shards: int, precision: str = "fp32"):
+    def __init__(self, num_shards: int, precision: str = "fp32",
+                 threads_per_shard: int | None = None):
         self.num_shards, self.precision = num_shards, precision
-        self.pool = ThreadPoolExecutor(num_shards, thread_name_prefix="rnnlm-shard")
+        self.pool = shard_pool(num_shards, threads_per_shard)
 
     def __call__(self, model: LanguageModel, X, Y, state: State, xi=None):
         params = [p for p in model.parameters() if p.requires_grad]

@@ -15,7 +15,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,13 +65,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def set_threads(cfg: Config) -> None:
+@contextmanager
+def run_threads(cfg: Config):
     """train.threads when given; else one intra-op thread per batch shard when sharding (each
-    core runs its own lanes), and torch's default otherwise."""
+    core runs its own lanes), and torch's default otherwise. The caller's count comes back
+    afterwards: bench.py and tests run several trainings in one process, and one run's
+    setting must not slow the next."""
+    previous = torch.get_num_threads()
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
     elif cfg.train.batch_shards > 1:
         torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def seed_everything(seed: int) -> None:
@@ -298,7 +306,7 @@ def train(cfg: Config, quiet: bool = False, out=sys.stdout, resume: dict | None 
     device = distributed.device_for_rank(resolve_device(cfg.device), ctx)
     own_stop = stop is None
     stop = StopRequest() if own_stop else stop
-    with distributed.process_group(ctx, device), \
+    with distributed.process_group(ctx, device), run_threads(cfg), \
             (stop_on_signals(stop, distributed.signal_repeat_window_s())
              if own_stop else nullcontext(stop)):
         return run_training(cfg, ctx, device, quiet or not ctx.is_main, out, resume,
@@ -321,7 +329,6 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
                           f"train.precision={cfg.train.precision} or train.compile=true set "
                           "train.cuda_graphs=false")
     train_step = distributed.FaultInjector(ctx).wrap(batch_step)  # itself unless testing
-    set_threads(cfg)
     seed_everything(cfg.seed)
     corpus = load_corpus(cfg.data)
     splits = corpus.splits

@@ -46,6 +46,29 @@ def test_sharded_training_matches_and_repeats(tiny_overrides, tmp_path):
         assert a == pytest.approx(b, rel=1e-5)  # the same training, up to rounding
 
 
+@pytest.mark.parametrize("setting", ["train.batch_shards=2", "train.threads=1"])
+def test_a_run_gives_back_the_callers_thread_count(setting, tiny_overrides, tmp_path):
+    """bench.py trains preset after preset in one process: a sharded run (one thread per
+    shard) must not leave the next run on one thread."""
+    seen = []
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        cfg = load_config(ROOT / "configs/tiny.yaml",
+                          [*tiny_overrides[:1], f"out_dir={tmp_path}", setting,
+                           "train.epochs=1"])
+        with pytest.MonkeyPatch.context() as patch:
+            import rnnlm.trainer as trainer
+            real = trainer.load_corpus
+            patch.setattr(trainer, "load_corpus",
+                          lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+            train(cfg, quiet=True)
+        assert seen == [1]  # the run itself used one thread
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("overrides, fragment", [
     (["train.batch_shards=0"], "train.batch_shards must be >= 1"),
     (["train.batch_shards=2", "model.dropout=0.2", "model.num_layers=2"], "needs model.dropout 0"),

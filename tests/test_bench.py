@@ -1,0 +1,59 @@
+"""bench.py: rounds taken in turns, per-round ratios, and the report it writes."""
+
+import json
+import stat
+
+import pytest
+
+from rnnlm import bench
+
+
+def test_paired_speeds_runs_the_trainers_in_turns(monkeypatch, tmp_path):
+    order = []
+    ours_speed = iter([100.0, 50.0, 200.0, 90.0, 80.0, 160.0])
+    ref_speed = iter([10.0, 20.0, 40.0])
+
+    def fake_ours(preset, epochs, warmup, out_root, device, overrides):
+        order.append(("ours", tuple(overrides), epochs))
+        return {"tokens_per_s": next(ours_speed)}
+
+    def fake_reference(preset, epochs):
+        order.append(("ref", epochs))
+        return {"tokens_per_s": next(ref_speed)}
+
+    monkeypatch.setattr(bench, "run_ours", fake_ours)
+    monkeypatch.setattr(bench, "run_reference", fake_reference)
+    speeds = bench.paired_speeds("rnn", ["", "train.threads=1"],
+                                 lambda s: s.split(",") if s else [], rounds=3, epochs=5,
+                                 warmup=2, out_root=tmp_path, device="cpu",
+                                 use_reference=True)
+    assert order == [("ours", (), 7), ("ours", ("train.threads=1",), 7), ("ref", 5)] * 3
+    assert speeds == {"": [100.0, 200.0, 80.0], "train.threads=1": [50.0, 90.0, 160.0],
+                      "ref": [10.0, 20.0, 40.0]}
+    # per-round ratios, not a ratio of medians (which would be 100 / 20 = 5)
+    assert bench.paired_ratios(speeds[""], speeds["ref"]) == [10.0, 10.0, 2.0]
+    assert bench.paired_ratios([1.0, 2.0], [None, 4.0]) == [0.5]
+    assert bench.median_or_none([None, None]) is None
+
+
+def test_bench_writes_its_table_with_the_reference_of_each_round(tmp_path, monkeypatch,
+                                                                 tiny_overrides):
+    fake = tmp_path / "d2l_reference.sh"
+    fake.write_text("#!/bin/sh\necho '" + json.dumps({"ppl": 9.5, "tokens_per_s_median": 1000.0})
+                    + "'\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(bench, "REFERENCE", fake)
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n\nprose that must survive\n")
+    assert bench.main(["--presets", "rnn", "--epochs", "2", "--warmup", "1", "--rounds", "2",
+                       "--round-epochs", "1", "--gen-chars", "0", "--write", str(out),
+                       "--set", tiny_overrides[0]]) == 0
+    text = out.read_text()
+    assert "prose that must survive" in text and "<!-- bench:cpu data.data_dir=" in text
+    row = next(line for line in text.splitlines() if line.startswith("| rnn |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    ours, ref, ratio = float(cells[1].replace(",", "")), cells[2], cells[3]
+    assert ref == "1,000" and cells[-1] == "9.500"
+    low, high = (float(x) for x in ratio.split("(")[1].rstrip(")").split("-"))
+    assert low <= float(ratio.split("x")[0]) <= high
+    assert float(ratio.split("x")[0]) == pytest.approx(ours / 1000, abs=0.01)  # as printed
