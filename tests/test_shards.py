@@ -1,9 +1,13 @@
+import ctypes
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 from rnnlm.config import ConfigError, config_from_dict, load_config
 from rnnlm.models import MODEL_KINDS, build_model
-from rnnlm.shards import ShardedForwardBackward, forward_backward
+from rnnlm.shards import ShardedForwardBackward, forward_backward, shard_pool
 from rnnlm.trainer import train
 from tests.conftest import ROOT
 from tests.test_trainer import read_metrics
@@ -44,6 +48,23 @@ def test_sharded_training_matches_and_repeats(tiny_overrides, tmp_path):
     assert runs["two"] == runs["two_again"]  # deterministic, bit for bit
     for a, b in zip(runs["one"], runs["two"]):
         assert a == pytest.approx(b, rel=1e-5)  # the same training, up to rounding
+
+
+def test_shard_threads_run_openmp_with_the_shard_thread_count():
+    """torch.set_num_threads(1) in the main thread does not reach OpenMP in threads started
+    later: without the pool's initializer each shard's MKL products would use every core."""
+    libs = sorted(Path(torch.__file__).parent.joinpath("lib").glob("libgomp*.so*"))
+    if not libs or (os.cpu_count() or 1) < 2:
+        pytest.skip("needs torch's libgomp and two cores")
+    omp_max_threads = ctypes.CDLL(str(libs[0])).omp_get_max_threads
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pool = shard_pool(2)
+        assert list(pool.map(lambda _: omp_max_threads(), range(2))) == [1, 1]
+        pool.shutdown()
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("setting", ["train.batch_shards=2", "train.threads=1"])
