@@ -72,7 +72,8 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; None: see trainer.run_threads
     # Split each batch by lanes into this many groups, each run forward and backward on its
     # own CPU thread (shards.py): faster than splitting each small matmul across cores.
-    batch_shards: int = 1
+    # "auto": 2 where sharding is possible (shards.resolve_batch_shards), else 1.
+    batch_shards: int | Literal["auto"] = 1
     # On CUDA, replay each batch's forward and backward from captured CUDA graphs.
     cuda_graphs: bool = True
     # fp32, or bf16 autocast of the training forward pass (matmuls in bfloat16, the loss, the
@@ -277,6 +278,12 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def fixed_shards(t: TrainConfig) -> int:
+    """train.batch_shards as given, with "auto" counted as 1: auto never asks for sharding
+    where it cannot run (shards.resolve_batch_shards), so only fixed counts are checked."""
+    return 1 if t.batch_shards == "auto" else t.batch_shards
+
+
 def validate(cfg: Config) -> None:
     """Range checks that do not need the corpus (those that do live in data.py)."""
     from rnnlm.models import MODEL_KINDS  # late import: models import torch, config must not
@@ -312,14 +319,15 @@ def validate(cfg: Config) -> None:
              f"train.clip_norm must be > 0 or null (no clipping), got {t.clip_norm}")
     _require(t.predict_every >= 0, f"train.predict_every must be >= 0, got {t.predict_every}")
     _require(t.predict_chars >= 1, f"train.predict_chars must be >= 1, got {t.predict_chars}")
-    _require(t.batch_shards >= 1, f"train.batch_shards must be >= 1, got {t.batch_shards}")
-    _require(t.batch_shards <= d.batch_size,
+    explicit_shards = fixed_shards(t)
+    _require(explicit_shards >= 1, f"train.batch_shards must be >= 1, got {t.batch_shards}")
+    _require(explicit_shards <= d.batch_size,
              f"train.batch_shards ({t.batch_shards}) cannot exceed data.batch_size "
              f"({d.batch_size}): each shard needs at least one lane")
-    _require(t.batch_shards == 1 or m.dropout == 0,
+    _require(explicit_shards == 1 or m.dropout == 0,
              "train.batch_shards > 1 needs model.dropout 0: dropout draws from one random "
              "stream, which the shard threads would race for (runs would not repeat)")
-    _require(t.batch_shards == 1 or not t.compile,
+    _require(explicit_shards == 1 or not t.compile,
              "train.compile with train.batch_shards > 1 is not supported (the shard threads "
              "would share one compiled model): use one of them")
     _require(t.threads is None or t.threads >= 1,
@@ -353,7 +361,8 @@ def _validate_heldout(cfg: Config) -> None:
              f"model.output_dropout must be in [0, 1), got {m.output_dropout}")
     _require(0.0 <= m.weight_dropout < 1.0,
              f"model.weight_dropout must be in [0, 1), got {m.weight_dropout}")
-    _require(t.batch_shards == 1 or m.input_dropout == m.output_dropout == m.weight_dropout == 0,
+    _require(fixed_shards(t) == 1 or
+             m.input_dropout == m.output_dropout == m.weight_dropout == 0,
              "train.batch_shards > 1 needs model.input_dropout, output_dropout and "
              "weight_dropout 0: dropout draws from one random stream, which the shard threads "
              "would race for (runs would not repeat)")

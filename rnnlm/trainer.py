@@ -44,7 +44,7 @@ from rnnlm.models import LanguageModel, build_model, detach_state
 from rnnlm.plots import plot_perplexity
 from rnnlm.sampling import predict_greedy
 from rnnlm.schedules import EarlyStopping, LRSchedule
-from rnnlm.shards import ShardedForwardBackward, forward_backward
+from rnnlm.shards import ShardedForwardBackward, forward_backward, resolve_batch_shards
 from rnnlm.truncation import Truncation, variable_length_of
 
 
@@ -66,15 +66,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 @contextmanager
-def run_threads(cfg: Config):
+def run_threads(threads: int | None, shards: int):
     """train.threads when given; else one intra-op thread per batch shard when sharding (each
     core runs its own lanes), and torch's default otherwise. The caller's count comes back
     afterwards: bench.py and tests run several trainings in one process, and one run's
     setting must not slow the next."""
     previous = torch.get_num_threads()
-    if cfg.train.threads is not None:
-        torch.set_num_threads(cfg.train.threads)
-    elif cfg.train.batch_shards > 1:
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif shards > 1:
         torch.set_num_threads(1)
     try:
         yield
@@ -306,23 +306,25 @@ def train(cfg: Config, quiet: bool = False, out=sys.stdout, resume: dict | None 
     device = distributed.device_for_rank(resolve_device(cfg.device), ctx)
     own_stop = stop is None
     stop = StopRequest() if own_stop else stop
-    with distributed.process_group(ctx, device), run_threads(cfg), \
+    shards = resolve_batch_shards(cfg, device, ctx.enabled)
+    with distributed.process_group(ctx, device), run_threads(cfg.train.threads, shards), \
             (stop_on_signals(stop, distributed.signal_repeat_window_s())
              if own_stop else nullcontext(stop)):
         return run_training(cfg, ctx, device, quiet or not ctx.is_main, out, resume,
-                            resume_path, overwrite, stop)
+                            resume_path, overwrite, stop, shards)
 
 
 def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device,
                  quiet: bool, out, resume: dict | None = None,
                  resume_path: str | Path | None = None, overwrite: bool = False,
-                 stop: StopRequest | None = None) -> dict:
+                 stop: StopRequest | None = None, shards: int = 1) -> dict:
+    """`shards`: train.batch_shards resolved for this device (shards.resolve_batch_shards)."""
     batch_step = functools.partial(forward_backward, precision=cfg.train.precision)
-    if cfg.train.batch_shards > 1:
+    if shards > 1:
         if device.type != "cpu":
-            raise ConfigError(f"train.batch_shards: {cfg.train.batch_shards} splits batches "
-                              f"across CPU cores; on {device.type} use 1")
-        batch_step = ShardedForwardBackward(cfg.train.batch_shards, cfg.train.precision)
+            raise ConfigError(f"train.batch_shards: {shards} splits batches "
+                              f"across CPU cores; on {device.type} use 1 or auto")
+        batch_step = ShardedForwardBackward(shards, cfg.train.precision)
     graphed = device.type == "cuda" and cfg.train.cuda_graphs
     if graphed and (cfg.train.precision != "fp32" or cfg.train.compile):
         raise ConfigError("train.cuda_graphs captures the fp32 eager step; with "
@@ -419,6 +421,7 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
         f"{len(corpus):,} tokens from {corpus.source} ({corpus.preprocess}"
         f"{', cached' if corpus.from_cache else ''}), "
         f"{cfg.data.iterator} iteration, device {device}"
+        + (f", {shards} batch shards" if shards > 1 else "")
         + (f", {ctx.world_size} processes (DDP)" if ctx.enabled else ""))
     if resume is not None:
         where = f"in epoch {start_epoch + 1} after batch {partial.batches}" if partial else \

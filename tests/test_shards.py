@@ -90,7 +90,46 @@ def test_a_run_gives_back_the_callers_thread_count(setting, tiny_overrides, tmp_
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("overrides, device, distributed, cores, expected", [
+    (["train.batch_shards=auto"], "cpu", False, 2, 2),
+    (["train.batch_shards=auto", "model.kind=gru_scratch"], "cpu", False, 16, 2),
+    (["train.batch_shards=auto"], "cuda", False, 2, 1),
+    (["train.batch_shards=auto"], "cpu", True, 2, 1),  # torchrun: a process per core
+    (["train.batch_shards=auto"], "cpu", False, 1, 1),
+    (["train.batch_shards=auto", "model.kind=lstm"], "cpu", False, 2, 1),  # oneDNN
+    (["train.batch_shards=auto", "train.compile=true"], "cpu", False, 2, 1),
+    (["train.batch_shards=auto", "model.dropout=0.2", "model.num_layers=2"], "cpu", False, 2,
+     1),
+    (["train.batch_shards=auto", "model.embedding_dim=8", "model.input_dropout=0.1"], "cpu",
+     False, 2, 1),
+    (["train.batch_shards=auto", "data.batch_size=1"], "cpu", False, 2, 1),
+    (["train.batch_shards=3"], "cpu", False, 1, 3),  # a number is taken as given
+])
+def test_auto_batch_shards(overrides, device, distributed, cores, expected, monkeypatch):
+    import rnnlm.shards as shards
+    monkeypatch.setattr(shards, "usable_cores", lambda: cores)
+    cfg = config_from_dict({}, overrides)
+    assert shards.resolve_batch_shards(cfg, torch.device(device), distributed) == expected
+
+
+def test_auto_batch_shards_trains_sharded_and_is_kept_as_auto(tiny_overrides, tmp_path,
+                                                             monkeypatch):
+    import rnnlm.shards as shards
+    monkeypatch.setattr(shards, "usable_cores", lambda: 2)
+    made = []
+    real = shards.ShardedForwardBackward.__init__
+    monkeypatch.setattr(shards.ShardedForwardBackward, "__init__",
+                        lambda self, n, *a, **k: made.append(n) or real(self, n, *a, **k))
+    cfg = load_config(ROOT / "configs/tiny.yaml",
+                      [*tiny_overrides[:1], f"out_dir={tmp_path}", "train.batch_shards=auto",
+                       "model.kind=rnn_scratch", "train.epochs=1"])
+    train(cfg, quiet=True)
+    assert made == [2]
+    assert "batch_shards: auto" in (tmp_path / "config.yaml").read_text()
+
+
 @pytest.mark.parametrize("overrides, fragment", [
+    (["train.batch_shards=autox"], "train.batch_shards must be an integer or one of auto"),
     (["train.batch_shards=0"], "train.batch_shards must be >= 1"),
     (["train.batch_shards=2", "model.dropout=0.2", "model.num_layers=2"], "needs model.dropout 0"),
     (["train.batch_shards=64"], "cannot exceed data.batch_size"),
