@@ -1,18 +1,20 @@
 """Training and generation speed of the book presets, side by side with the D2L reference.
 
-For each preset: our tokens/s (median over the epochs after a warm-up), the reference's
-tokens/s measured in the same run (`d2l_reference.sh`, when it is available), the ratio, the
-model's FLOPs per token, the fp32 matmul throughput measured at the model's own shapes (the
-roofline), the fraction of it we reach, and the final perplexity of both, so that speed can
-never come from doing less work. Then generation speed against D2L's predict_ch8.
+For each preset: our tokens/s, the D2L reference's tokens/s measured in the same run
+(`d2l_reference.sh`, when it is available), the ratio, the model's FLOPs per token, the fp32
+matmul throughput measured at the model's own shapes (the roofline), the fraction of it we
+reach, and the final perplexity of both after one long run each, so that speed can never
+come from doing less work. Speeds come from short rounds taken in turns (ours, then the
+reference, --rounds times): the machine's speed drifts, and a ratio means something only
+between two trainers measured at the same moment. Then generation speed against D2L's
+predict_ch8.
 
     python bench.py                       # all seven presets, 500 epochs (the book's budget)
     python bench.py --epochs 30 --presets rnn_scratch gru
     python bench.py --epochs 5 --variant train.precision=bf16 --variant train.compile=true
 
 Each --variant adds, per preset, a row trained with those overrides (comma-separated), with
-its speed relative to the preset's own row of the same run and its perplexity.
-"""
+its speed relative to the preset's own row, measured in the same rounds, and its perplexity."""
 
 from __future__ import annotations
 
