@@ -8,10 +8,11 @@ costs less. The loops use only `out=` and in-place ops, which TorchScript runs a
 fusion), so the numbers are the same as the Python loop's, bit for bit.
 
 torch 2.13 marks torch.jit.script deprecated in favour of torch.compile. We keep it here on
-purpose: torch.compile's generated code calls its kernels from Python (GIL held between
-them), compiles for 45-95 s cold on this CPU, and gained 1.10-1.16x where TorchScript plus
-batch shards gains more (docs/benchmarks.md). The warning is silenced for these calls only,
-and a torch without torch.jit.script runs the plain Python loop (same results, slower).
+purpose: torch.compile needs 45-95 s to compile these models cold on the 2-core CPU, and its
+generated code calls the kernels from Python (GIL held between them), so it is no way to run
+shards side by side (docs/benchmarks.md). TorchScript compiles the loops in about 40 ms.
+The warning is silenced for these calls only, and a torch without torch.jit.script runs the
+plain Python loop (same results, slower).
 """
 
 from __future__ import annotations

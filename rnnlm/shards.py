@@ -61,7 +61,7 @@ def resolve_batch_shards(cfg, device: torch.device, distributed: bool) -> int:
     each core a process) with two or more cores, no dropout of any kind (one random stream
     cannot be shared by the shard threads reproducibly) and no torch.compile, for every model
     but torch.nn's LSTM, whose fused oneDNN kernel already keeps both cores busy (sharded it
-    measured 0.82x on the 2-core machine, the others 1.09-1.35x); else 1."""
+    measured 0.81x on the 2-core machine, the others 1.01-1.22x); else 1."""
     shards = cfg.train.batch_shards
     if shards != "auto":
         return shards
