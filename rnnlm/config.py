@@ -284,6 +284,17 @@ def fixed_shards(t: TrainConfig) -> int:
     return 1 if t.batch_shards == "auto" else t.batch_shards
 
 
+def shards_allowed(cfg: Config, shards: int) -> bool:
+    """Whether this config would be accepted with train.batch_shards = `shards`: the rules
+    that refuse sharding (dropout, compile, too few lanes) live in `validate` only."""
+    try:
+        validate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                                    batch_shards=shards)))
+    except ConfigError:
+        return False
+    return True
+
+
 def validate(cfg: Config) -> None:
     """Range checks that do not need the corpus (those that do live in data.py)."""
     from rnnlm.models import MODEL_KINDS  # late import: models import torch, config must not

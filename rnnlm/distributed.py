@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from rnnlm.config import ConfigError
+from rnnlm.config import ConfigError, fixed_shards
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def check_config(cfg, ctx: DistContext) -> None:
     if not ctx.enabled:
         return
     check_batch_size(cfg.data.batch_size, ctx)
-    if cfg.train.batch_shards != "auto" and cfg.train.batch_shards > 1:
+    if fixed_shards(cfg.train) > 1:
         # Shards compute gradients with torch.autograd.grad, which bypasses DDP's
         # all-reduce hooks; one process per core already gives each core its lanes.
         raise ConfigError(

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
+from rnnlm.config import shards_allowed
 from rnnlm.models import LanguageModel, State
 
 
@@ -58,18 +59,16 @@ def usable_cores() -> int:
 def resolve_batch_shards(cfg, device: torch.device, distributed: bool) -> int:
     """train.batch_shards as a number. "auto" (the book presets) is 2 where sharding can
     run and was measured to pay: one CPU process (not under torchrun, which already gives
-    each core a process) with two or more cores, no dropout of any kind (one random stream
-    cannot be shared by the shard threads reproducibly) and no torch.compile, for every model
+    each core a process) with two or more cores, and a config that a fixed 2 would pass
+    (config.validate: no dropout of any kind, as one random stream cannot be shared by the
+    shard threads reproducibly, no torch.compile, two lanes or more), for every model
     but torch.nn's LSTM, whose fused oneDNN kernel already keeps both cores busy (sharded it
     measured 0.81x on the 2-core machine, the others 1.01-1.22x); else 1."""
     shards = cfg.train.batch_shards
     if shards != "auto":
         return shards
-    m = cfg.model
-    possible = (device.type == "cpu" and not distributed and not cfg.train.compile
-                and m.kind != "lstm"
-                and cfg.data.batch_size >= 2 and usable_cores() >= 2
-                and m.dropout == m.input_dropout == m.output_dropout == m.weight_dropout == 0)
+    possible = (device.type == "cpu" and not distributed and cfg.model.kind != "lstm"
+                and usable_cores() >= 2 and shards_allowed(cfg, 2))
     return 2 if possible else 1
 
 
@@ -87,10 +86,9 @@ def shard_pool(num_shards: int, threads_per_shard: int | None = None) -> ThreadP
 class ShardedForwardBackward:
     """Drop-in for `forward_backward` that runs `num_shards` lane groups on their own threads."""
 
-    def __init__(self, num_shards: int, precision: str = "fp32",
-                 threads_per_shard: int | None = None):
+    def __init__(self, num_shards: int, precision: str = "fp32"):
         self.num_shards, self.precision = num_shards, precision
-        self.pool = shard_pool(num_shards, threads_per_shard)
+        self.pool = shard_pool(num_shards)
 
     def __call__(self, model: LanguageModel, X, Y, state: State, xi=None):
         params = [p for p in model.parameters() if p.requires_grad]
