@@ -54,6 +54,11 @@ class ModelConfig:
     # "auto" is manual for the scratch kinds; torch.nn kinds always use their own backward.
     backward: Literal["auto", "manual", "autograd"] = "auto"
     activation: Literal["tanh", "identity"] = "tanh"  # identity: D2L 8.7's linear RNN
+    # Scratch GRU/LSTM with the hand-written backward, float32 on a CPU: "c" does each time
+    # step's elementwise work in one C call (native_cells.py, built with the system's C
+    # compiler on first use), "torch" in tensor ops (TorchScript); "auto" is c where it can be
+    # built and used, else torch.
+    cell_kernel: Literal["auto", "c", "torch"] = "auto"
     input_dropout: float = 0.0  # on the embeddings (needs embedding_dim)
     output_dropout: float = 0.0  # on the last layer's outputs, before the output layer
     weight_dropout: float = 0.0  # DropConnect on the hidden-to-hidden weights, per batch
@@ -321,6 +326,17 @@ def validate(cfg: Config) -> None:
              "model.backward: manual is the fp32, eager hand-written backward; with "
              f"train.precision={t.precision} and train.compile={str(t.compile).lower()} use "
              "model.backward=auto (autograd)")
+    _require(m.cell_kernel == "auto" or m.kind in ("gru_scratch", "lstm_scratch"),
+             f"model.cell_kernel: {m.cell_kernel} applies to gru_scratch and lstm_scratch "
+             f"only; leave model.cell_kernel: auto for {m.kind}")
+    _require(m.cell_kernel != "c" or (m.backward != "autograd" and t.precision == "fp32"
+                                      and not t.compile and t.truncation != "randomized"),
+             "model.cell_kernel: c is a kernel of the hand-written fp32 backward without "
+             "randomized truncation; with model.backward=autograd, train.precision=bf16, "
+             "train.compile or train.truncation=randomized use model.cell_kernel=auto")
+    _require(m.cell_kernel != "c" or cfg.device in ("auto", "cpu"),
+             f"model.cell_kernel: c runs on the CPU; with device: {cfg.device} use "
+             "model.cell_kernel=auto")
     _require(m.embedding_dim is None or m.embedding_dim >= 1,
              f"model.embedding_dim must be >= 1 or null (one-hot), got {m.embedding_dim}")
     _require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")

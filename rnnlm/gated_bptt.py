@@ -11,6 +11,10 @@ makes it fast on a CPU, where each step's matmul is small:
   W_hh (a transposed view is ~1.7x slower on MKL at these shapes);
 * dW_hh is one (G*H, T*B) @ (T*B, H) GEMM for the window, not T small ones.
 
+On a CPU in float32 the elementwise part of each step can run as one C call instead of
+several tensor ops (native_cells.py, model.cell_kernel); the TorchScript loops here are the
+reference and the fallback.
+
 Weights use torch.nn's layout and equations (GRU gates r|z|n with the reset gate applied to
 W_hn h + b_hn; LSTM gates i|f|g|o), so results equal nn.GRU / nn.LSTM to rounding.
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from rnnlm import native_cells
 from rnnlm.scripting import scripted
 
 
@@ -147,11 +152,14 @@ def _gru_backward_loop(dhs: torch.Tensor, z: torch.Tensor, to_gh: torch.Tensor,
 
 
 class LSTMWindow(torch.autograd.Function):
-    """(xw (T,B,4H) incl. both biases, h0, c0 (B,H), W_hh (4H,H), xi) -> (hs (T,B,H), c_T)."""
+    """(xw (T,B,4H) incl. both biases, h0, c0 (B,H), W_hh (4H,H), xi, cell_kernel) ->
+    (hs (T,B,H), c_T)."""
 
     @staticmethod
-    def forward(ctx, xw, h0, c0, W_hh, xi):
-        hbuf, cbuf, acts, tanh_c = _lstm_forward_loop(xw, h0, c0, W_hh)
+    def forward(ctx, xw, h0, c0, W_hh, xi, cell_kernel):
+        ctx.native = native_cells.usable_for(cell_kernel, xw, xi)
+        loop = native_cells.lstm_forward_loop if ctx.native else _lstm_forward_loop
+        hbuf, cbuf, acts, tanh_c = loop(xw, h0, c0, W_hh)
         ctx.save_for_backward(hbuf, cbuf, acts, tanh_c, W_hh,
                               *(() if xi is None else (_check_xi(xi, xw),)))
         ctx.has_xi = xi is not None
@@ -165,20 +173,27 @@ class LSTMWindow(torch.autograd.Function):
         T, B, G = acts.shape
         H = G // 4
         dc = dcT.clone() if dcT is not None else hbuf.new_zeros((B, H))
-        dgates, dc = _lstm_backward_loop(dhs, dc, hbuf, cbuf, acts, tanh_c, W_hh, xi)
+        if ctx.native:
+            dgates, dc = native_cells.lstm_backward_loop(dhs, dc, hbuf, cbuf, acts, tanh_c,
+                                                         W_hh)
+        else:
+            dgates, dc = _lstm_backward_loop(dhs, dc, hbuf, cbuf, acts, tanh_c, W_hh, xi)
         dh0 = dgates[0] @ W_hh
         if xi is not None:
             dh0.mul_(xi[0])
         dW = dgates.reshape(T * B, G).t() @ hbuf[:-1].reshape(T * B, H)
-        return dgates, dh0, dc, dW, None
+        return dgates, dh0, dc, dW, None, None
 
 
 class GRUWindow(torch.autograd.Function):
-    """(xw (T,B,3H) incl. b_ih, h0 (B,H), W_hh (3H,H), b_hh (3H,), xi) -> hs (T,B,H)."""
+    """(xw (T,B,3H) incl. b_ih, h0 (B,H), W_hh (3H,H), b_hh (3H,), xi, cell_kernel) ->
+    hs (T,B,H)."""
 
     @staticmethod
-    def forward(ctx, xw, h0, W_hh, b_hh, xi):
-        hbuf, gh, rz, n = _gru_forward_loop(xw, h0, W_hh, b_hh)
+    def forward(ctx, xw, h0, W_hh, b_hh, xi, cell_kernel):
+        native = native_cells.usable_for(cell_kernel, xw, xi)
+        loop = native_cells.gru_forward_loop if native else _gru_forward_loop
+        hbuf, gh, rz, n = loop(xw, h0, W_hh, b_hh)
         ctx.save_for_backward(hbuf, gh, rz, n, W_hh,
                               *(() if xi is None else (_check_xi(xi, xw),)))
         ctx.has_xi = xi is not None
@@ -206,14 +221,15 @@ class GRUWindow(torch.autograd.Function):
             dh0.mul_(xi[0])
         dxw = torch.cat([dgh[..., : 2 * H], dh_all * A_n], dim=-1)
         dW = dgh.reshape(T * B, G).t() @ hbuf[:-1].reshape(T * B, H)
-        return dxw, dh0, dW, dgh.sum(dim=(0, 1)), None
+        return dxw, dh0, dW, dgh.sum(dim=(0, 1)), None, None
 
 
-def lstm_window(xw, h0, c0, W_hh, xi=None):
-    """All hidden states (T, B, H) and the final cell state of one LSTM layer."""
-    return LSTMWindow.apply(xw, h0, c0, W_hh, xi)
+def lstm_window(xw, h0, c0, W_hh, xi=None, cell_kernel="auto"):
+    """All hidden states (T, B, H) and the final cell state of one LSTM layer.
+    cell_kernel: model.cell_kernel (auto | c | torch), see native_cells.usable_for."""
+    return LSTMWindow.apply(xw, h0, c0, W_hh, xi, cell_kernel)
 
 
-def gru_window(xw, h0, W_hh, b_hh, xi=None):
-    """All hidden states (T, B, H) of one GRU layer."""
-    return GRUWindow.apply(xw, h0, W_hh, b_hh, xi)
+def gru_window(xw, h0, W_hh, b_hh, xi=None, cell_kernel="auto"):
+    """All hidden states (T, B, H) of one GRU layer (cell_kernel as for lstm_window)."""
+    return GRUWindow.apply(xw, h0, W_hh, b_hh, xi, cell_kernel)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rnnlm import distributed
+from rnnlm import distributed, native_cells
 from rnnlm.averaging import WeightAverage
 from rnnlm.checkpoint import (
     atomic_save,
@@ -314,6 +314,23 @@ def train(cfg: Config, quiet: bool = False, out=sys.stdout, resume: dict | None 
                             resume_path, overwrite, stop, shards)
 
 
+def check_cell_kernel(cfg: Config, device: torch.device) -> None:
+    """model.cell_kernel=c must be able to run here; auto falls back to tensor ops (said once
+    where it would have used the C kernels)."""
+    kernel, gated = cfg.model.cell_kernel, cfg.model.kind in ("gru_scratch", "lstm_scratch")
+    if kernel == "torch" or not gated:
+        return
+    if kernel == "c" and device.type != "cpu":
+        raise ConfigError(f"model.cell_kernel: c runs on the CPU, this run is on {device.type}: "
+                          "use model.cell_kernel=auto")
+    reason = native_cells.unavailable_reason() if device.type == "cpu" else None
+    if reason and kernel == "c":
+        raise ConfigError(f"model.cell_kernel: c cannot be used here: {reason}; use "
+                          "model.cell_kernel=auto (tensor ops)")
+    if reason:
+        print(f"note: C cell kernels unavailable ({reason}); using tensor ops", file=sys.stderr)
+
+
 def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device,
                  quiet: bool, out, resume: dict | None = None,
                  resume_path: str | Path | None = None, overwrite: bool = False,
@@ -330,6 +347,7 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
         raise ConfigError("train.cuda_graphs captures the fp32 eager step; with "
                           f"train.precision={cfg.train.precision} or train.compile=true set "
                           "train.cuda_graphs=false")
+    check_cell_kernel(cfg, device)
     train_step = distributed.FaultInjector(ctx).wrap(batch_step)  # itself unless testing
     seed_everything(cfg.seed)
     corpus = load_corpus(cfg.data)

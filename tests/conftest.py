@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,13 @@ def time_machine_source() -> Path:
             return path
     raise RuntimeError("tests need the Time Machine text at data/timemachine.txt "
                        "(.ci/run copies it there)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def native_cache(tmp_path_factory):
+    """Build rnnlm/native/cells.c into a folder of this session, not the user's cache
+    (subprocesses inherit the variable)."""
+    os.environ["RNNLM_NATIVE_CACHE"] = str(tmp_path_factory.mktemp("native"))
 
 
 @pytest.fixture(scope="session")

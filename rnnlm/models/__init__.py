@@ -27,6 +27,7 @@ def build_model(model_cfg, vocab_size: int, train_cfg=None) -> LanguageModel:
             (train_cfg.precision != "fp32" or train_cfg.compile)
         auto = "autograd" if needs_autograd else "manual"
         extra["backward"] = auto if model_cfg.backward == "auto" else model_cfg.backward
+        extra["cell_kernel"] = model_cfg.cell_kernel
     return cls(vocab_size, model_cfg.hidden_size, num_layers=model_cfg.num_layers,
                dropout=model_cfg.dropout, embedding_dim=model_cfg.embedding_dim,
                activation=model_cfg.activation,

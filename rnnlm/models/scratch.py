@@ -65,13 +65,14 @@ def rnn_window(layer, x, state, xi=None, activation="tanh"):
 
 def gru_manual_window(layer, x, state, xi=None):
     hs = gru_window(layer.project_input(x), state[0], layer.recurrent_weight(), layer.bias_hh,
-                    xi)
+                    xi, layer.cell_kernel)
     return hs, (hs[-1],)
 
 
 def lstm_manual_window(layer, x, state, xi=None):
     xw = layer.project_input(x, layer.bias_ih + layer.bias_hh)
-    hs, c = lstm_window(xw, state[0], state[1], layer.recurrent_weight(), xi)
+    hs, c = lstm_window(xw, state[0], state[1], layer.recurrent_weight(), xi,
+                        layer.cell_kernel)
     return hs, (hs[-1], c)
 
 
@@ -93,6 +94,7 @@ class ScratchLayer(nn.Module):
         self.cell = cell
         self.window = window
         self.weight_dropout = 0.0  # set by the model: DropConnect on weight_hh
+        self.cell_kernel = "auto"  # set by the model: model.cell_kernel for gated windows
 
     def project_input(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Input projection of the whole window plus `bias` (default b_ih):
@@ -131,7 +133,7 @@ class ScratchLM(LanguageModel):
     step_by_step = True
 
     def __init__(self, vocab_size, hidden_size, num_layers=1, dropout=0.0, embedding_dim=None,
-                 backward: str = "manual", **options):
+                 backward: str = "manual", cell_kernel: str = "auto", **options):
         super().__init__(vocab_size, hidden_size, num_layers, dropout, embedding_dim, **options)
         cell, window = self.cell_and_window(backward)
         self.layers = nn.ModuleList(
@@ -141,6 +143,7 @@ class ScratchLM(LanguageModel):
         self.between = nn.Dropout(dropout)
         for layer in self.layers:
             layer.weight_dropout = self.weight_dropout
+            layer.cell_kernel = cell_kernel
         nn.init.normal_(self.output.weight, std=0.01)
         nn.init.zeros_(self.output.bias)
 

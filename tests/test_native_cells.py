@@ -1,0 +1,166 @@
+"""The C cell kernels (rnnlm/native/cells.c via native_cells.py) against the TorchScript loops
+they replace, the models and trainer that use them, and what happens without a compiler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rnnlm import gated_bptt, native_cells
+from rnnlm.config import ConfigError, load_config
+from rnnlm.models import build_model
+from rnnlm.trainer import check_cell_kernel
+
+needs_native = pytest.mark.skipif(not native_cells.available(),
+                                  reason=f"C kernels unavailable: "
+                                         f"{native_cells.unavailable_reason()}")
+
+
+def assert_close(actual, expected, tol=2e-6):
+    """Equal to float32 rounding, relative to the size of the values."""
+    scale = max(1.0, float(expected.detach().abs().max()))
+    assert float((actual - expected).detach().abs().max()) <= tol * scale
+
+
+@needs_native
+@pytest.mark.parametrize("B,H", [(3, 7), (1, 16), (5, 33)])  # vector tails, one lane
+def test_lstm_loops_match_torchscript(B, H):
+    torch.manual_seed(B * H)
+    T = 6
+    xw, h0, c0 = torch.randn(T, B, 4 * H) * 2, torch.randn(B, H), torch.randn(B, H)
+    W = torch.randn(4 * H, H) * 0.3
+    expected = gated_bptt._lstm_forward_loop(xw, h0, c0, W)
+    actual = native_cells.lstm_forward_loop(xw, h0, c0, W)
+    for a, e in zip(actual, expected):
+        assert_close(a, e)
+    dhs, dc = torch.randn(T, B, H), torch.randn(B, H)
+    expected = gated_bptt._lstm_backward_loop(dhs, dc.clone(), *expected, W, None)
+    actual = native_cells.lstm_backward_loop(dhs, dc.clone(), *actual, W)
+    for a, e in zip(actual, expected):
+        assert_close(a, e, tol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("B,H", [(3, 7), (1, 16), (4, 40)])
+def test_gru_forward_loop_matches_torchscript(B, H):
+    torch.manual_seed(B + H)
+    T = 6
+    xw, h0 = torch.randn(T, B, 3 * H) * 2, torch.randn(B, H)
+    W, b = torch.randn(3 * H, H) * 0.3, torch.randn(3 * H)
+    expected = gated_bptt._gru_forward_loop(xw, h0, W, b)
+    for a, e in zip(native_cells.gru_forward_loop(xw, h0, W, b), expected):
+        assert_close(a, e)
+
+
+@needs_native
+def test_gate_functions_over_their_whole_range():
+    """With W_hh = 0 the activations are sigmoid/tanh of xw: compared with torch's from
+    -100 to 100, where the kernel's exp clamps its argument."""
+    H = 4096 // 4
+    x = torch.linspace(-100, 100, 4 * H).reshape(1, 1, 4 * H)
+    zeros = torch.zeros(1, H)
+    _, cbuf, acts, tanh_c = native_cells.lstm_forward_loop(x, zeros, zeros,
+                                                            torch.zeros(4 * H, H))
+    gates = x[0, 0]
+    expected = torch.cat([torch.sigmoid(gates[:2 * H]), torch.tanh(gates[2 * H: 3 * H]),
+                          torch.sigmoid(gates[3 * H:])])
+    assert float((acts[0, 0] - expected).abs().max()) < 3e-7
+    assert float((tanh_c[0] - torch.tanh(cbuf[1])).abs().max()) < 3e-7
+    assert torch.isfinite(acts).all()
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["lstm_scratch", "gru_scratch"])
+def test_model_gradients_match_tensor_ops(kind):
+    """The same float32 model, C kernels against tensor ops: loss, next state and every
+    parameter's gradient agree to float32 rounding (two layers, carried state)."""
+    models = {}
+    for kernel in ("c", "torch"):
+        cfg = load_config(None, [f"model.kind={kind}", "model.hidden_size=24",
+                                 "model.num_layers=2", f"model.cell_kernel={kernel}"])
+        torch.manual_seed(0)
+        models[kernel] = build_model(cfg.model, 11, cfg.train)
+    torch.manual_seed(1)
+    X = torch.randint(0, 11, (5, 9))
+    state = tuple(torch.randn_like(s) * 0.5 for s in models["c"].begin_state(5))
+    results = {}
+    for kernel, model in models.items():
+        logits, new_state = model(X, state)
+        logits.square().mean().backward()
+        results[kernel] = (logits, new_state, [p.grad for p in model.parameters()])
+    (lc, sc, gc), (lt, st, gt) = results["c"], results["torch"]
+    assert_close(lc, lt)
+    for a, e in zip(sc, st):
+        assert_close(a, e)
+    for a, e in zip(gc, gt):
+        assert_close(a, e, tol=1e-5)
+
+
+def test_usable_for_follows_the_setting():
+    f32, f64 = torch.zeros(1), torch.zeros(1, dtype=torch.float64)
+    assert not native_cells.usable_for("torch", f32, None)
+    assert not native_cells.usable_for("auto", f64, None)  # float64 runs tensor ops
+    assert not native_cells.usable_for("auto", f32, torch.ones(3))  # randomized truncation
+    with pytest.raises(native_cells.NativeUnavailable, match="float64"):
+        native_cells.usable_for("c", f64, None)
+    with pytest.raises(native_cells.NativeUnavailable, match="randomized truncation"):
+        native_cells.usable_for("c", f32, torch.ones(3))
+    assert native_cells.usable_for("auto", f32, None) == native_cells.available()
+
+
+@pytest.fixture
+def no_compiler(monkeypatch):
+    monkeypatch.setattr(native_cells, "find_compiler", lambda: None)
+    native_cells._load.cache_clear()
+    yield
+    native_cells._load.cache_clear()
+
+
+def test_without_a_compiler_auto_falls_back_and_c_is_refused(no_compiler, capsys):
+    assert not native_cells.available()
+    assert "no C compiler" in native_cells.unavailable_reason()
+    assert not native_cells.usable_for("auto", torch.zeros(1), None)
+    cfg = load_config(None, ["model.kind=lstm_scratch", "model.cell_kernel=c"])
+    with pytest.raises(ConfigError, match="model.cell_kernel: c cannot be used here: no C"):
+        check_cell_kernel(cfg, torch.device("cpu"))
+    auto = load_config(None, ["model.kind=lstm_scratch"])
+    check_cell_kernel(auto, torch.device("cpu"))
+    assert "C cell kernels unavailable" in capsys.readouterr().err
+    model = build_model(auto.model, 7, auto.train)  # and the model still runs
+    logits, _ = model(torch.randint(0, 7, (2, 3)), model.begin_state(2))
+    assert logits.shape == (3, 2, 7)
+
+
+def test_a_failing_build_is_reported(monkeypatch, tmp_path):
+    bad = tmp_path / "cells.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setattr(native_cells, "SOURCE", bad)
+    native_cells._load.cache_clear()
+    try:
+        if native_cells.find_compiler() is None:
+            pytest.skip("no C compiler here")
+        assert native_cells.unavailable_reason().startswith("building cells.c failed")
+        assert not list(tmp_path.glob("*.so"))
+    finally:
+        native_cells._load.cache_clear()
+
+
+def test_c_on_a_gpu_is_refused():
+    cfg = load_config(None, ["model.kind=gru_scratch", "model.cell_kernel=c"])
+    with pytest.raises(ConfigError, match="runs on the CPU"):
+        check_cell_kernel(cfg, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model.kind=rnn_scratch", "model.cell_kernel=c"], "gru_scratch and lstm_scratch only"),
+    (["model.kind=lstm", "model.cell_kernel=torch"], "gru_scratch and lstm_scratch only"),
+    (["model.kind=lstm_scratch", "model.cell_kernel=c", "model.backward=autograd"],
+     "hand-written fp32 backward"),
+    (["model.kind=gru_scratch", "model.cell_kernel=c", "train.truncation=randomized"],
+     "hand-written fp32 backward"),
+    (["model.kind=gru_scratch", "model.cell_kernel=c", "device=cuda"], "runs on the CPU"),
+    (["model.kind=gru_scratch", "model.cell_kernel=fast"], "model.cell_kernel"),
+])
+def test_config_refuses_what_the_c_kernel_cannot_do(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
