@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from rnnlm.config import load_config
+from rnnlm.config import ConfigError, load_config
 from rnnlm.data import load_corpus
 from rnnlm.models import build_model
 from rnnlm.sampling import generate
@@ -160,6 +160,23 @@ def run_reference(preset: str, epochs: int) -> dict | None:
     return {"tokens_per_s": result["tokens_per_s_median"], "ppl": result["ppl"]}
 
 
+def applicable_settings(preset: str, settings: list[str], overrides) -> list[str]:
+    """The settings ("" is the preset itself) whose overrides this preset's config accepts;
+    a variant that does not apply to it (model.cell_kernel on a torch.nn layer, say) is
+    named and left out of its rows, not fatal to the run."""
+    kept = []
+    for setting in settings:
+        try:
+            load_config(ROOT / "configs" / f"{preset}.yaml", overrides(setting))
+        except ConfigError as e:
+            if not setting:
+                raise
+            print(f"{preset}: variant {setting} left out: {e}", file=sys.stderr, flush=True)
+            continue
+        kept.append(setting)
+    return kept
+
+
 def paired_speeds(preset: str, settings: list[str], overrides, rounds: int, epochs: int,
                   warmup: int, out_root: Path, device: str, use_reference: bool) -> dict:
     """Tokens/s per round of each setting and of the reference ("ref"), run in turns: round
@@ -260,7 +277,6 @@ def main(argv=None) -> int:
 
     rows = []
     use_reference = not args.no_reference and args.device == "cpu"
-    settings = ["", *args.variant]  # "" is the preset itself
 
     def overrides(setting: str) -> list[str]:
         return [*args.set, *(setting.split(",") if setting else [])]
@@ -268,6 +284,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
             long = {}
+            settings = applicable_settings(preset, ["", *args.variant], overrides)
             for setting in settings:
                 print(f"{preset}{' with ' + setting if setting else ''}: training "
                       f"{args.epochs} epochs ...", file=sys.stderr, flush=True)

@@ -191,8 +191,8 @@ class GRUWindow(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xw, h0, W_hh, b_hh, xi, cell_kernel):
-        native = native_cells.usable_for(cell_kernel, xw, xi)
-        loop = native_cells.gru_forward_loop if native else _gru_forward_loop
+        ctx.native = native_cells.usable_for(cell_kernel, xw, xi)
+        loop = native_cells.gru_forward_loop if ctx.native else _gru_forward_loop
         hbuf, gh, rz, n = loop(xw, h0, W_hh, b_hh)
         ctx.save_for_backward(hbuf, gh, rz, n, W_hh,
                               *(() if xi is None else (_check_xi(xi, xw),)))
@@ -206,22 +206,32 @@ class GRUWindow(torch.autograd.Function):
         xi = rest[0] if ctx.has_xi else None
         T, B, G = gh.shape
         H = G // 3
-        r, z = rz[..., :H], rz[..., H:]
-        hn = gh[..., 2 * H:]
-        # h = (1-z) n + z h_prev. Every gate gradient is dh_t times a factor known after the
-        # forward pass: [A_r, A_z, A_n] for d xw and [A_r, A_z, A_n * r] for d(W_hh h + b_hh).
-        A_n = (1 - z) * (1 - n * n)
-        A_z = (hbuf[:-1] - n) * z * (1 - z)
-        A_r = A_n * hn * r * (1 - r)
-        to_gh = torch.stack([A_r, A_z, A_n * r], dim=2)  # (T, B, 3, H)
-
-        dgh, dh_all = _gru_backward_loop(dhs, z, to_gh, W_hh, xi)
+        z = rz[..., H:]
+        if ctx.native:
+            dxw, dgh, dh_all = native_cells.gru_backward_loop(dhs, hbuf, gh, rz, n, W_hh)
+        else:
+            dxw, dgh, dh_all = _gru_backward_window(dhs, hbuf, gh, rz, n, W_hh, xi)
         dh0 = torch.addcmul(dgh[0] @ W_hh, z[0], dh_all[0])
         if xi is not None:
             dh0.mul_(xi[0])
-        dxw = torch.cat([dgh[..., : 2 * H], dh_all * A_n], dim=-1)
         dW = dgh.reshape(T * B, G).t() @ hbuf[:-1].reshape(T * B, H)
         return dxw, dh0, dW, dgh.sum(dim=(0, 1)), None, None
+
+
+def _gru_backward_window(dhs, hbuf, gh, rz, n, W_hh, xi):
+    """d xw, d(W_hh h + b_hh) (T, B, 3H) and dL/dh_t (T, B, H), in tensor ops."""
+    H = n.shape[-1]
+    r, z = rz[..., :H], rz[..., H:]
+    hn = gh[..., 2 * H:]
+    # h = (1-z) n + z h_prev. Every gate gradient is dh_t times a factor known after the
+    # forward pass: [A_r, A_z, A_n] for d xw and [A_r, A_z, A_n * r] for d(W_hh h + b_hh).
+    A_n = (1 - z) * (1 - n * n)
+    A_z = (hbuf[:-1] - n) * z * (1 - z)
+    A_r = A_n * hn * r * (1 - r)
+    to_gh = torch.stack([A_r, A_z, A_n * r], dim=2)  # (T, B, 3, H)
+    dgh, dh_all = _gru_backward_loop(dhs, z, to_gh, W_hh, xi)
+    dxw = torch.cat([dgh[..., : 2 * H], dh_all * A_n], dim=-1)
+    return dxw, dgh, dh_all
 
 
 def lstm_window(xw, h0, c0, W_hh, xi=None, cell_kernel="auto"):

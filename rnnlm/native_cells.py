@@ -8,10 +8,11 @@ machine, and loaded with ctypes, which releases the GIL for each call: two batch
 two threads still run side by side. Without a compiler `available()` is False and the
 TorchScript loops of gated_bptt run instead (model.cell_kernel says which may be used).
 
-There are C steps for the LSTM's forward and backward and the GRU's forward: a GRU backward
-step is already one matmul and two tensor ops, and a C version of it measured no faster. The
-loops below return exactly what gated_bptt's loops return, so either feeds the same autograd
-Function. They take float32 CPU tensors and no randomized-truncation xi. Results match the
+The forward loops return what gated_bptt's loops return, so either feeds the same autograd
+Function; the backward loops also compute each gate's derivative factors step by step, which
+gated_bptt does for the whole window in separate tensor ops (memory-bound passes over
+(T, B, H) arrays that cost the GRU as much as its matmuls). They take float32 CPU tensors and
+no randomized-truncation xi. Results match the
 TorchScript loops to float32 rounding (cells.c computes exp itself, to ~1e-7 relative error):
 tests/test_native_cells.py.
 """
@@ -77,12 +78,14 @@ def _load() -> ctypes.CDLL | str:
         lib = ctypes.CDLL(str(target))
     except OSError as e:
         return f"cannot load {target}: {e}"
-    pointers = [ctypes.c_void_p] * 8
+    pointers = [ctypes.c_void_p] * 9
     size = [ctypes.c_int64] * 2
     lib.lstm_forward_step.argtypes = pointers[:5] + size
     lib.lstm_backward_step.argtypes = pointers[:6] + size
     lib.gru_forward_step.argtypes = pointers[:6] + size
-    for name in ("lstm_forward_step", "lstm_backward_step", "gru_forward_step"):
+    lib.gru_backward_step.argtypes = pointers[:9] + size
+    for name in ("lstm_forward_step", "lstm_backward_step", "gru_forward_step",
+                 "gru_backward_step"):
         getattr(lib, name).restype = None
     return lib
 
@@ -178,3 +181,26 @@ def gru_forward_loop(xw: torch.Tensor, h0: torch.Tensor, W_hh: torch.Tensor,
              h + (t + 1) * dh, B, H)
     return hbuf, gh, rz, n
 
+
+def gru_backward_loop(dhs: torch.Tensor, hbuf: torch.Tensor, gh: torch.Tensor,
+                      rz: torch.Tensor, n: torch.Tensor, W_hh: torch.Tensor):
+    """Backward through a GRU window from its forward buffers: d(x W_ih^T + b_ih) and
+    d(W_hh h + b_hh) (T, B, 3H), and dL/dh_t (T, B, H) for every step."""
+    step = library().gru_backward_step
+    T, B, H = dhs.shape
+    dxw, dgh = hbuf.new_empty((T, B, 3 * H)), hbuf.new_empty((T, B, 3 * H))
+    dh_all = hbuf.new_empty((T, B, H))
+    dghs, dh_l, dh_in = dgh.unbind(0), dh_all.unbind(0), dhs.unbind(0)
+    p_dh, p_rz, p_n, p_gh, p_h, p_dgh, p_dxw = (
+        x.data_ptr() for x in (dh_all, rz, n, gh, hbuf, dgh, dxw))
+    d3, d2, d1 = B * 3 * H * _F32, B * 2 * H * _F32, B * H * _F32
+    for t in range(T - 1, -1, -1):
+        if t == T - 1:
+            dh_l[t].copy_(dh_in[t])
+            dh_next = rz_next = None  # nothing flows back from beyond the window
+        else:  # dhs_t + dgh_{t+1} W_hh; the kernel adds z_{t+1} dh_{t+1}
+            torch.addmm(dh_in[t], dghs[t + 1], W_hh, out=dh_l[t])
+            dh_next, rz_next = p_dh + (t + 1) * d1, p_rz + (t + 1) * d2
+        step(p_dh + t * d1, dh_next, rz_next, p_rz + t * d2, p_n + t * d1, p_gh + t * d3,
+             p_h + t * d1, p_dgh + t * d3, p_dxw + t * d3, B, H)
+    return dxw, dgh, dh_all

@@ -6,6 +6,7 @@ import stat
 import pytest
 
 from rnnlm import bench
+from rnnlm.config import ConfigError
 
 
 def test_paired_speeds_runs_the_trainers_in_turns(monkeypatch, tmp_path):
@@ -57,3 +58,14 @@ def test_bench_writes_its_table_with_the_reference_of_each_round(tmp_path, monke
     low, high = (float(x) for x in ratio.split("(")[1].rstrip(")").split("-"))
     assert low <= float(ratio.split("x")[0]) <= high
     assert float(ratio.split("x")[0]) == pytest.approx(ours / 1000, abs=0.01)  # as printed
+
+
+def test_a_variant_that_does_not_apply_to_a_preset_is_left_out(capsys):
+    def overrides(setting):
+        return setting.split(",") if setting else []
+    settings = ["", "model.cell_kernel=torch", "train.threads=1"]
+    assert bench.applicable_settings("lstm_scratch", settings, overrides) == settings
+    assert bench.applicable_settings("lstm", settings, overrides) == ["", "train.threads=1"]
+    assert "variant model.cell_kernel=torch left out" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="model.cell_kernel"):  # the preset itself must load
+        bench.applicable_settings("lstm", [""], lambda s: ["model.cell_kernel=torch"])

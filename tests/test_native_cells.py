@@ -42,14 +42,19 @@ def test_lstm_loops_match_torchscript(B, H):
 
 @needs_native
 @pytest.mark.parametrize("B,H", [(3, 7), (1, 16), (4, 40)])
-def test_gru_forward_loop_matches_torchscript(B, H):
+def test_gru_loops_match_torchscript(B, H):
     torch.manual_seed(B + H)
     T = 6
     xw, h0 = torch.randn(T, B, 3 * H) * 2, torch.randn(B, H)
     W, b = torch.randn(3 * H, H) * 0.3, torch.randn(3 * H)
     expected = gated_bptt._gru_forward_loop(xw, h0, W, b)
-    for a, e in zip(native_cells.gru_forward_loop(xw, h0, W, b), expected):
+    actual = native_cells.gru_forward_loop(xw, h0, W, b)
+    for a, e in zip(actual, expected):
         assert_close(a, e)
+    dhs = torch.randn(T, B, H)
+    expected = gated_bptt._gru_backward_window(dhs, *expected, W, None)
+    for a, e in zip(native_cells.gru_backward_loop(dhs, *actual, W), expected):
+        assert_close(a, e, tol=1e-5)
 
 
 @needs_native

@@ -103,7 +103,9 @@ class ScratchLayer(nn.Module):
         if x.dtype == torch.long:
             # One-hot input: x_t W^T + b is row x_t of (W^T + b), an embedding lookup. That
             # table is tiny (V x G*H), and F.embedding's backward beats indexing's on CPU.
-            return F.embedding(x, self.weight_ih.t() + bias)
+            # W^T + b keeps W^T's column-major layout; gathering its rows strided is ~6x
+            # slower than copying rows of a contiguous table (0.7 against 0.1 ms a batch).
+            return F.embedding(x, (self.weight_ih.t() + bias).contiguous())
         return torch.matmul(x, self.weight_ih.t()) + bias
 
     def recurrent_weight(self) -> torch.Tensor:

@@ -133,3 +133,49 @@ void gru_forward_step(const float *xw, const float *gh, const float *h_prev, flo
                         rz + b * 2 * H, rz + b * 2 * H + H, n + row, h + row, H);
     }
 }
+
+/* One GRU backward step, all of it but the matmul. dh (B, H) comes in as
+ * dhs_t + dgh_{t+1} W_hh and leaves as dL/dh_t: when dh_next is given (every step but the
+ * window's last) z_{t+1} dh_{t+1} is added, the path through h_{t+1} = ... + z_{t+1} h_t.
+ * From step t's r|z (rz, (B, 2H)), n (B, H), hn = W_hn h_{t-1} + b_hn (in gh, (B, 3H)) and
+ * h_prev it writes d(W_hh h + b_hh) to dgh and d(x W_ih^T + b_ih) to dxw (both (B, 3H)):
+ *   dn = dh (1 - z)(1 - n^2),  dz = dh (h_prev - n) z (1 - z),  dr = dn hn r (1 - r);
+ *   dxw = [dr, dz, dn],  dgh = [dr, dz, dn r]. */
+static inline void gru_backward_row(float *RESTRICT dh, const float *RESTRICT dh_next,
+                                    const float *RESTRICT z_next, const float *RESTRICT r,
+                                    const float *RESTRICT z, const float *RESTRICT n,
+                                    const float *RESTRICT hn, const float *RESTRICT h_prev,
+                                    float *RESTRICT dgr, float *RESTRICT dgz,
+                                    float *RESTRICT dgn, float *RESTRICT dxr,
+                                    float *RESTRICT dxz, float *RESTRICT dxn, int64_t H)
+{
+    if (dh_next)
+        for (int64_t j = 0; j < H; ++j)
+            dh[j] += z_next[j] * dh_next[j];
+    for (int64_t j = 0; j < H; ++j) {
+        float d = dh[j], zj = z[j], nj = n[j], rj = r[j];
+        float dn = d * (1.0f - zj) * (1.0f - nj * nj);
+        float dz = d * (h_prev[j] - nj) * zj * (1.0f - zj);
+        float dr = dn * hn[j] * rj * (1.0f - rj);
+        dgr[j] = dr;
+        dgz[j] = dz;
+        dgn[j] = dn * rj;
+        dxr[j] = dr;
+        dxz[j] = dz;
+        dxn[j] = dn;
+    }
+}
+
+void gru_backward_step(float *dh, const float *dh_next, const float *rz_next, const float *rz,
+                       const float *n, const float *gh, const float *h_prev, float *dgh,
+                       float *dxw, int64_t B, int64_t H)
+{
+    for (int64_t b = 0; b < B; ++b) {
+        const int64_t row = b * H, gates2 = b * 2 * H, gates3 = b * 3 * H;
+        float *g = dgh + gates3, *x = dxw + gates3;
+        gru_backward_row(dh + row, dh_next ? dh_next + row : 0,
+                         dh_next ? rz_next + gates2 + H : 0, rz + gates2, rz + gates2 + H,
+                         n + row, gh + gates3 + 2 * H, h_prev + row, g, g + H, g + 2 * H,
+                         x, x + H, x + 2 * H, H);
+    }
+}
