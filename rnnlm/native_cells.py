@@ -127,14 +127,16 @@ def lstm_forward_loop(xw: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
     H = G // 4
     W_t = W_hh.t().contiguous()
     hbuf, cbuf = xw.new_empty((T + 1, B, H)), xw.new_empty((T + 1, B, H))
-    acts, tanh_c = xw.new_empty((T, B, G)), xw.new_empty((T, B, H))
+    # The pre-activations start as xw, copied once; each step adds h W_hh^T in place (no
+    # per-step copy of its xw slice) and the kernel turns them into gate activations.
+    acts, tanh_c = xw.clone(memory_format=torch.contiguous_format), xw.new_empty((T, B, H))
     hbuf[0].copy_(h0)
     cbuf[0].copy_(c0)
-    xs, hs, gates = xw.unbind(0), hbuf.unbind(0), acts.unbind(0)
+    hs, gates = hbuf.unbind(0), acts.unbind(0)
     a, c, tc, h = (x.data_ptr() for x in (acts, cbuf, tanh_c, hbuf))
     da, dh = B * G * _F32, B * H * _F32  # bytes per step
     for t in range(T):
-        torch.addmm(xs[t], hs[t], W_t, out=gates[t])  # pre-activations, made gates in place
+        gates[t].addmm_(hs[t], W_t)
         step(a + t * da, c + t * dh, c + (t + 1) * dh, tc + t * dh, h + (t + 1) * dh, B, H)
     return hbuf, cbuf, acts, tanh_c
 
@@ -148,16 +150,15 @@ def lstm_backward_loop(dhs: torch.Tensor, dc: torch.Tensor, hbuf: torch.Tensor,
     H = G // 4
     dc = dc.contiguous()
     dgates = torch.empty_like(acts)
-    dh = hbuf.new_empty((B, H))
-    dgs, dh_in = dgates.unbind(0), dhs.unbind(0)
+    dh = dhs.clone(memory_format=torch.contiguous_format)  # dhs_t, then += dgates_{t+1} W_hh
+    dgs, dh_l = dgates.unbind(0), dh.unbind(0)
     p_dh, p_dc, a, c, tc, dg = (x.data_ptr() for x in (dh, dc, acts, cbuf, tanh_c, dgates))
     da, dstate = B * G * _F32, B * H * _F32
     for t in range(T - 1, -1, -1):
-        if t == T - 1:
-            dh.copy_(dh_in[t])
-        else:  # dh_t = dhs_t + dgates_{t+1} W_hh
-            torch.addmm(dh_in[t], dgs[t + 1], W_hh, out=dh)
-        step(p_dh, p_dc, a + t * da, c + t * dstate, tc + t * dstate, dg + t * da, B, H)
+        if t < T - 1:
+            dh_l[t].addmm_(dgs[t + 1], W_hh)
+        step(p_dh + t * dstate, p_dc, a + t * da, c + t * dstate, tc + t * dstate,
+             dg + t * da, B, H)
     return dgates, dc
 
 
@@ -172,11 +173,12 @@ def gru_forward_loop(xw: torch.Tensor, h0: torch.Tensor, W_hh: torch.Tensor,
     hbuf, gh = xw.new_empty((T + 1, B, H)), xw.new_empty((T, B, G))
     rz, n = xw.new_empty((T, B, 2 * H)), xw.new_empty((T, B, H))
     hbuf[0].copy_(h0)
+    gh.copy_(b_hh)  # every step's b_hh at once; the steps add h W_hh^T in place
     hs, ghs = hbuf.unbind(0), gh.unbind(0)
     x, g, h, r, nn_ = (t.data_ptr() for t in (xw, gh, hbuf, rz, n))
     dg, dh = B * G * _F32, B * H * _F32
     for t in range(T):
-        torch.addmm(b_hh, hs[t], W_t, out=ghs[t])
+        ghs[t].addmm_(hs[t], W_t)
         step(x + t * dg, g + t * dg, h + t * dh, r + t * 2 * dh, nn_ + t * dh,
              h + (t + 1) * dh, B, H)
     return hbuf, gh, rz, n
@@ -189,17 +191,16 @@ def gru_backward_loop(dhs: torch.Tensor, hbuf: torch.Tensor, gh: torch.Tensor,
     step = library().gru_backward_step
     T, B, H = dhs.shape
     dxw, dgh = hbuf.new_empty((T, B, 3 * H)), hbuf.new_empty((T, B, 3 * H))
-    dh_all = hbuf.new_empty((T, B, H))
-    dghs, dh_l, dh_in = dgh.unbind(0), dh_all.unbind(0), dhs.unbind(0)
+    dh_all = dhs.clone(memory_format=torch.contiguous_format)  # dhs_t, then the rest added
+    dghs, dh_l = dgh.unbind(0), dh_all.unbind(0)
     p_dh, p_rz, p_n, p_gh, p_h, p_dgh, p_dxw = (
         x.data_ptr() for x in (dh_all, rz, n, gh, hbuf, dgh, dxw))
     d3, d2, d1 = B * 3 * H * _F32, B * 2 * H * _F32, B * H * _F32
     for t in range(T - 1, -1, -1):
         if t == T - 1:
-            dh_l[t].copy_(dh_in[t])
             dh_next = rz_next = None  # nothing flows back from beyond the window
         else:  # dhs_t + dgh_{t+1} W_hh; the kernel adds z_{t+1} dh_{t+1}
-            torch.addmm(dh_in[t], dghs[t + 1], W_hh, out=dh_l[t])
+            dh_l[t].addmm_(dghs[t + 1], W_hh)
             dh_next, rz_next = p_dh + (t + 1) * d1, p_rz + (t + 1) * d2
         step(p_dh + t * d1, dh_next, rz_next, p_rz + t * d2, p_n + t * d1, p_gh + t * d3,
              p_h + t * d1, p_dgh + t * d3, p_dxw + t * d3, B, H)
