@@ -57,7 +57,7 @@ class ModelConfig:
     # Scratch GRU/LSTM with the hand-written backward, float32 on a CPU: "c" does each time
     # step's elementwise work in one C call (native_cells.py, built with the system's C
     # compiler on first use), "torch" in tensor ops (TorchScript); "auto" is c where it can be
-    # built and used, else torch.
+    # built and used, else torch; "c" refuses to train where it cannot be used.
     cell_kernel: Literal["auto", "c", "torch"] = "auto"
     input_dropout: float = 0.0  # on the embeddings (needs embedding_dim)
     output_dropout: float = 0.0  # on the last layer's outputs, before the output layer

@@ -107,16 +107,13 @@ def unavailable_reason() -> str | None:
 
 
 def usable_for(kernel: str, like: torch.Tensor, xi) -> bool:
-    """Whether a window with this model.cell_kernel setting runs the C loops."""
-    if kernel == "torch":
-        return False
+    """Whether a window with this model.cell_kernel setting runs the C loops: float32 on a
+    CPU without randomized truncation, where the library could be built. "c" differs from
+    "auto" before training, not here: the trainer refuses a "c" run whose windows could not
+    use it (trainer.check_cell_kernel, config.validate); evaluation or sampling elsewhere (a
+    checkpoint sampled on a GPU) runs the tensor ops."""
     fits = like.device.type == "cpu" and like.dtype == torch.float32 and xi is None
-    if kernel == "c" and not fits:
-        raise NativeUnavailable(
-            "model.cell_kernel: c runs float32 CPU windows without randomized truncation; "
-            f"this one is {like.dtype} on {like.device.type}"
-            + (" with randomized truncation" if xi is not None else ""))
-    return fits and (kernel == "c" or available())
+    return kernel != "torch" and fits and available()
 
 
 def lstm_forward_loop(xw: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,

@@ -104,13 +104,26 @@ def test_model_gradients_match_tensor_ops(kind):
 def test_usable_for_follows_the_setting():
     f32, f64 = torch.zeros(1), torch.zeros(1, dtype=torch.float64)
     assert not native_cells.usable_for("torch", f32, None)
-    assert not native_cells.usable_for("auto", f64, None)  # float64 runs tensor ops
-    assert not native_cells.usable_for("auto", f32, torch.ones(3))  # randomized truncation
-    with pytest.raises(native_cells.NativeUnavailable, match="float64"):
-        native_cells.usable_for("c", f64, None)
-    with pytest.raises(native_cells.NativeUnavailable, match="randomized truncation"):
-        native_cells.usable_for("c", f32, torch.ones(3))
-    assert native_cells.usable_for("auto", f32, None) == native_cells.available()
+    for kernel in ("auto", "c"):  # "c" is enforced before training, not per window
+        assert not native_cells.usable_for(kernel, f64, None)  # float64 runs tensor ops
+        assert not native_cells.usable_for(kernel, f32, torch.ones(3))  # randomized trunc.
+        assert native_cells.usable_for(kernel, f32, None) == native_cells.available()
+
+
+@needs_native
+def test_a_c_checkpoint_evaluates_in_float64():
+    """A model built with cell_kernel=c still runs where the kernels cannot (float64 here,
+    a GPU when a CPU-trained checkpoint is sampled there): tensor ops, the same result."""
+    cfg = load_config(None, ["model.kind=lstm_scratch", "model.hidden_size=8",
+                             "model.cell_kernel=c"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 5, cfg.train).double()
+    twin = build_model(cfg.model, 5, cfg.train).double()
+    twin.load_state_dict(model.state_dict())
+    for layer in twin.layers:
+        layer.cell_kernel = "torch"
+    X = torch.randint(0, 5, (2, 4))
+    assert torch.equal(model(X, model.begin_state(2))[0], twin(X, twin.begin_state(2))[0])
 
 
 @pytest.fixture
