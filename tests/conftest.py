@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Build rnnlm/native/cells.c into a folder of this test session, not the user's cache. Set
+# here, before any test module is imported (test_native_cells' skip mark builds it then);
+# subprocesses inherit the variable; the folder goes when the session's interpreter exits.
+_NATIVE_CACHE = tempfile.TemporaryDirectory(prefix="rnnlm-native-")
+os.environ["RNNLM_NATIVE_CACHE"] = _NATIVE_CACHE.name
+
 CANDIDATES = [ROOT / "data" / "timemachine.txt",
               ROOT.parent / "shared" / "data" / "timemachine.txt"]
 
@@ -19,13 +27,6 @@ def time_machine_source() -> Path:
             return path
     raise RuntimeError("tests need the Time Machine text at data/timemachine.txt "
                        "(.ci/run copies it there)")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def native_cache(tmp_path_factory):
-    """Build rnnlm/native/cells.c into a folder of this session, not the user's cache
-    (subprocesses inherit the variable)."""
-    os.environ["RNNLM_NATIVE_CACHE"] = str(tmp_path_factory.mktemp("native"))
 
 
 @pytest.fixture(scope="session")
