@@ -1,13 +1,14 @@
 /* Fused elementwise steps of the LSTM and GRU cells, float32, row-major, contiguous.
  *
- * One call per time step does what otherwise takes four to seven tensor ops (each a pass
+ * One call per time step does what otherwise takes four to ten tensor ops (each a pass
  * over memory plus dispatch): the gate nonlinearities, the state update and, in the
  * backward pass, every gate derivative. The recurrent matmul stays in PyTorch (MKL).
  *
  * The loops are written so that the compiler vectorises them (-O3, -march=native): no
- * branches, and exp is computed here (range reduction plus a Taylor polynomial), because a
- * call to the C library's expf would keep each loop scalar. Relative error of exp_approx
- * is below 1e-7, the size of float32 rounding; sigmoid and tanh are built on it.
+ * branches inside them, and exp is computed here (range reduction plus a Taylor
+ * polynomial), because a call to the C library's expf would keep each loop scalar. Relative
+ * error of exp_approx is below 1e-7, the size of float32 rounding; sigmoid and tanh are
+ * built on it.
  */
 #include <stdint.h>
 #include <string.h>
