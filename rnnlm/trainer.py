@@ -41,7 +41,6 @@ from rnnlm.evaluate import BestWeights, evaluate
 from rnnlm.interrupts import StopRequest, TrainingInterrupted, stop_on_signals
 from rnnlm.iterators import BatchIterator
 from rnnlm.models import LanguageModel, build_model, detach_state
-from rnnlm.plots import plot_perplexity
 from rnnlm.sampling import predict_greedy
 from rnnlm.schedules import EarlyStopping, LRSchedule
 from rnnlm.shards import ShardedForwardBackward, forward_backward, resolve_batch_shards
@@ -312,6 +311,14 @@ def train(cfg: Config, quiet: bool = False, out=sys.stdout, resume: dict | None 
              if own_stop else nullcontext(stop)):
         return run_training(cfg, ctx, device, quiet or not ctx.is_main, out, resume,
                             resume_path, overwrite, stop, shards)
+
+
+def plot_perplexity(records: list[dict], path: Path, title: str) -> None:
+    """plots.plot_perplexity, imported at the first drawing: matplotlib takes about 0.5 s to
+    import, which sample.py (it imports this module) and every config error would pay."""
+    from rnnlm import plots
+
+    plots.plot_perplexity(records, path, title)
 
 
 def check_cell_kernel(cfg: Config, device: torch.device) -> None:
