@@ -300,6 +300,15 @@ def shards_allowed(cfg: Config, shards: int) -> bool:
     return True
 
 
+def cell_kernel_applies(cfg: Config) -> bool:
+    """Whether the training windows of this config can use model.cell_kernel's C kernels:
+    a scratch GRU/LSTM with the hand-written fp32 eager backward, no randomized truncation
+    (the device is checked once known, trainer.check_cell_kernel)."""
+    m, t = cfg.model, cfg.train
+    return (m.kind in ("gru_scratch", "lstm_scratch") and m.backward != "autograd"
+            and t.precision == "fp32" and not t.compile and t.truncation != "randomized")
+
+
 def validate(cfg: Config) -> None:
     """Range checks that do not need the corpus (those that do live in data.py)."""
     from rnnlm.models import MODEL_KINDS  # late import: models import torch, config must not
@@ -329,8 +338,7 @@ def validate(cfg: Config) -> None:
     _require(m.cell_kernel == "auto" or m.kind in ("gru_scratch", "lstm_scratch"),
              f"model.cell_kernel: {m.cell_kernel} applies to gru_scratch and lstm_scratch "
              f"only; leave model.cell_kernel: auto for {m.kind}")
-    _require(m.cell_kernel != "c" or (m.backward != "autograd" and t.precision == "fp32"
-                                      and not t.compile and t.truncation != "randomized"),
+    _require(m.cell_kernel != "c" or cell_kernel_applies(cfg),
              "model.cell_kernel: c is a kernel of the hand-written fp32 backward without "
              "randomized truncation; with model.backward=autograd, train.precision=bf16, "
              "train.compile or train.truncation=randomized use model.cell_kernel=auto")

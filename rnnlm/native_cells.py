@@ -12,9 +12,8 @@ The forward loops return what gated_bptt's loops return, so either feeds the sam
 Function; the backward loops also compute each gate's derivative factors step by step, which
 gated_bptt does for the whole window in separate tensor ops (memory-bound passes over
 (T, B, H) arrays that cost the GRU as much as its matmuls). They take float32 CPU tensors and
-no randomized-truncation xi. Results match the
-TorchScript loops to float32 rounding (cells.c computes exp itself, to ~1e-7 relative error):
-tests/test_native_cells.py.
+no randomized-truncation xi. Results match the TorchScript loops to float32 rounding (cells.c
+computes exp itself, to ~1e-7 relative error): tests/test_native_cells.py.
 """
 
 from __future__ import annotations
@@ -78,15 +77,12 @@ def _load() -> ctypes.CDLL | str:
         lib = ctypes.CDLL(str(target))
     except OSError as e:
         return f"cannot load {target}: {e}"
-    pointers = [ctypes.c_void_p] * 9
-    size = [ctypes.c_int64] * 2
-    lib.lstm_forward_step.argtypes = pointers[:5] + size
-    lib.lstm_backward_step.argtypes = pointers[:6] + size
-    lib.gru_forward_step.argtypes = pointers[:6] + size
-    lib.gru_backward_step.argtypes = pointers[:9] + size
-    for name in ("lstm_forward_step", "lstm_backward_step", "gru_forward_step",
-                 "gru_backward_step"):
-        getattr(lib, name).restype = None
+    # each step function: that many buffer pointers, then B and H
+    for name, buffers in (("lstm_forward_step", 5), ("lstm_backward_step", 6),
+                          ("gru_forward_step", 6), ("gru_backward_step", 9)):
+        step = getattr(lib, name)
+        step.argtypes = [ctypes.c_void_p] * buffers + [ctypes.c_int64] * 2
+        step.restype = None
     return lib
 
 

@@ -34,7 +34,7 @@ from rnnlm.checkpoint import (
     restore_training,
     tracked_metric,
 )
-from rnnlm.config import Config, ConfigError, dump_yaml
+from rnnlm.config import Config, ConfigError, cell_kernel_applies, dump_yaml
 from rnnlm.data import PREPROCESSORS, Corpus, load_corpus
 from rnnlm.diagnostics_report import DiagnosticsRecorder
 from rnnlm.evaluate import BestWeights, evaluate
@@ -324,8 +324,8 @@ def plot_perplexity(records: list[dict], path: Path, title: str) -> None:
 def check_cell_kernel(cfg: Config, device: torch.device) -> None:
     """model.cell_kernel=c must be able to run here; auto falls back to tensor ops (said once
     where it would have used the C kernels)."""
-    kernel, gated = cfg.model.cell_kernel, cfg.model.kind in ("gru_scratch", "lstm_scratch")
-    if kernel == "torch" or not gated:
+    kernel = cfg.model.cell_kernel
+    if kernel == "torch" or not cell_kernel_applies(cfg):
         return
     if kernel == "c" and device.type != "cpu":
         raise ConfigError(f"model.cell_kernel: c runs on the CPU, this run is on {device.type}: "

@@ -144,6 +144,9 @@ def test_without_a_compiler_auto_falls_back_and_c_is_refused(no_compiler, capsys
     auto = load_config(None, ["model.kind=lstm_scratch"])
     check_cell_kernel(auto, torch.device("cpu"))
     assert "C cell kernels unavailable" in capsys.readouterr().err
+    autograd = load_config(None, ["model.kind=lstm_scratch", "model.backward=autograd"])
+    check_cell_kernel(autograd, torch.device("cpu"))  # would not use them: nothing to say
+    assert capsys.readouterr().err == ""
     model = build_model(auto.model, 7, auto.train)  # and the model still runs
     logits, _ = model(torch.randint(0, 7, (2, 3)), model.begin_state(2))
     assert logits.shape == (3, 2, 7)
