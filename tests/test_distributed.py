@@ -1,5 +1,6 @@
 """Data-parallel training: torchrun with 2 gloo processes must reproduce 1 process."""
 
+import io
 import json
 import os
 import subprocess
@@ -206,3 +207,38 @@ def test_fault_injector_kills_once(tmp_path, monkeypatch):
 def test_signal_repeats_are_merged_only_under_torchrun():
     assert distributed.signal_repeat_window_s({}) == 0.0
     assert distributed.signal_repeat_window_s({"TORCHELASTIC_RUN_ID": "x"}) > 0.1
+
+
+def test_torchrun_workers_leave_without_interpreter_shutdown(monkeypatch):
+    """A worker of a multi-process job flushes its output and leaves with os._exit (the
+    gloo threads that DDP keeps alive must not meet a shutting-down interpreter); a plain
+    process exits normally, through SystemExit, with the same code."""
+    from rnnlm import cli
+
+    class Left(Exception):
+        pass
+
+    def fake_os_exit(code):
+        raise Left(code)
+
+    class Stream(io.StringIO):
+        flushed = 0
+
+        def flush(self):
+            self.flushed += 1
+
+    monkeypatch.setattr(cli.os, "_exit", fake_os_exit)
+    monkeypatch.setattr(sys, "stdout", Stream())
+    monkeypatch.setattr(sys, "stderr", Stream())
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(Left) as left:
+        cli.run_main(lambda: 130)
+    assert left.value.args == (130,)
+    assert sys.stdout.flushed == sys.stderr.flushed == 1  # os._exit would drop buffered text
+    for alone in ("1", "not a number"):
+        monkeypatch.setenv("WORLD_SIZE", alone)
+        with pytest.raises(SystemExit) as done:
+            cli.run_main(lambda: None)
+        assert done.value.code == 0
+    monkeypatch.delenv("WORLD_SIZE")
+    assert not cli.torchrun_worker()

@@ -65,11 +65,26 @@ if os.environ.get("RNNLM_PROBE_SAVES"):
     log_saves(os.environ["RNNLM_PROBE_SAVES"])
 if os.environ.get("RNNLM_PROBE_PAUSE") and RANK == "0":
     pause_at(int(os.environ["RNNLM_PROBE_PAUSE"]))
+
+
+def log_exit(code) -> None:
+    if os.environ.get("RNNLM_PROBE_SAVES"):
+        with open(os.environ["RNNLM_PROBE_SAVES"], "a", encoding="utf-8") as f:
+            f.write(f"{RANK} exit {code}\n")
+
+
+real_os_exit = os._exit
+
+
+def logged_os_exit(code):  # how train.py's workers leave (rnnlm.cli.leave)
+    log_exit(code)
+    real_os_exit(code)
+
+
+os._exit = logged_os_exit
 sys.argv = [str(ROOT / "train.py"), *sys.argv[1:]]
 try:
     runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
 except SystemExit as done:
-    if os.environ.get("RNNLM_PROBE_SAVES"):
-        with open(os.environ["RNNLM_PROBE_SAVES"], "a", encoding="utf-8") as f:
-            f.write(f"{RANK} exit {done.code}\n")
+    log_exit(done.code)
     raise
