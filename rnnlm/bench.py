@@ -178,17 +178,20 @@ def applicable_settings(preset: str, settings: list[str], overrides) -> list[str
 
 
 def paired_speeds(preset: str, settings: list[str], overrides, rounds: int, epochs: int,
-                  warmup: int, out_root: Path, device: str, use_reference: bool) -> dict:
+                  warmup: int, out_root: Path, device: str, use_reference: bool,
+                  measure_roofline=None) -> dict:
     """Tokens/s per round of each setting and of the reference ("ref"), run in turns: round
-    after round, ours (each setting) then the reference, for `epochs` epochs each. This
+    after round, ours (each setting), the matmul roofline in GFLOP/s ("roofline", when
+    `measure_roofline` is given) and then the reference, for `epochs` epochs each. This
     machine's speed drifts by tens of percent over minutes; a ratio taken within one round
-    compares the two trainers at the same moment, and the median over rounds is what the
-    table reports (with the range)."""
-    speeds: dict[str, list] = {setting: [] for setting in [*settings, "ref"]}
+    compares the two trainers (or ours and the roofline) at the same moment, and the median
+    over rounds is what the table reports (with the range)."""
+    speeds: dict[str, list] = {setting: [] for setting in [*settings, "roofline", "ref"]}
     for _ in range(rounds):
         for setting in settings:
             speeds[setting].append(run_ours(preset, warmup + epochs, warmup, out_root, device,
                                             overrides(setting))["tokens_per_s"])
+        speeds["roofline"].append(measure_roofline() if measure_roofline else None)
         ref = run_reference(preset, epochs) if use_reference else None
         speeds["ref"].append(ref and ref["tokens_per_s"])
     return speeds
@@ -291,28 +294,36 @@ def main(argv=None) -> int:
                 long[setting] = run_ours(preset, args.epochs, args.warmup, Path(tmp),
                                          args.device, overrides(setting))
             ref = run_reference(preset, args.epochs) if use_reference else None
+            m, d, vocab = long[""]["cfg"].model, long[""]["cfg"].data, long[""]["vocab"]
+            fpt = flops_per_token(m.kind, m.hidden_size, m.num_layers, vocab, vocab)
+
+            def measure_roofline(m=m, d=d, vocab=vocab):
+                # the better of the two ways the trainer can use the cores (one batch on all
+                # threads, or one shard of lanes per core: train.batch_shards)
+                return max(matmul_roofline(m.kind, m.hidden_size, m.num_layers, vocab,
+                                           d.batch_size, d.num_steps, shards=shards)
+                           for shards in (1, 2))
+
+            measure = measure_roofline if args.device == "cpu" else None
             if args.rounds:
                 print(f"{preset}: {args.rounds} speed rounds of {args.round_epochs} epochs "
                       "each, in turns ...", file=sys.stderr, flush=True)
                 speeds = paired_speeds(preset, settings, overrides, args.rounds,
                                        args.round_epochs, args.warmup, Path(tmp), args.device,
-                                       use_reference)
+                                       use_reference, measure)
             else:  # the long runs' own speeds
                 speeds = {setting: [long[setting]["tokens_per_s"]] for setting in settings}
+                speeds["roofline"] = [measure and measure()]
                 speeds["ref"] = [ref and ref["tokens_per_s"]]
-            m, d, vocab = long[""]["cfg"].model, long[""]["cfg"].data, long[""]["vocab"]
-            fpt = flops_per_token(m.kind, m.hidden_size, m.num_layers, vocab, vocab)
-            gflops = None
-            if args.device == "cpu":
-                # the better of the two ways the trainer can use the cores (one batch on all
-                # threads, or one shard of lanes per core: train.batch_shards)
-                gflops = max(matmul_roofline(m.kind, m.hidden_size, m.num_layers, vocab,
-                                             d.batch_size, d.num_steps, shards=shards)
-                             for shards in (1, 2))
+            gflops = median_or_none(speeds["roofline"])
             roofline = None if gflops is None else gflops * 1e9 / fpt
+            # our tokens/s over the roofline's, within each round: the matmul throughput
+            # drifts with the machine as much as the training speed does
+            roofline_speeds = [g and g * 1e9 / fpt for g in speeds["roofline"]]
             for setting in settings:
                 ours = statistics.median(speeds[setting])
                 ratios = paired_ratios(speeds[setting], speeds["ref"])
+                fractions = paired_ratios(speeds[setting], roofline_speeds)
                 rows.append({
                     "preset": preset + (f" + {setting}" if setting else ""),
                     "ours": ours, "ours_ppl": long[setting]["ppl"],
@@ -322,7 +333,9 @@ def main(argv=None) -> int:
                     "vs_preset": statistics.median(paired_ratios(speeds[setting],
                                                                  speeds[""])),
                     "mflop_per_token": fpt / 1e6, "gflops": gflops, "roofline": roofline,
-                    "fraction": roofline and ours / roofline,
+                    "fraction": median_or_none(fractions),
+                    "fraction_range": ((min(fractions), max(fractions)) if len(fractions) > 1
+                                       else None),
                 })
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     gen = generation_speed(args.gen_chars, args.device) if args.gen_chars else None
@@ -335,11 +348,14 @@ def main(argv=None) -> int:
     for r in rows:
         vs_preset = f"{r['vs_preset']:.2f}x | " if variants else ""
         spread = r["ratio_range"] and f" ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f})"
+        of_roofline = r["fraction_range"] and (f" ({100 * r['fraction_range'][0]:.0f}-"
+                                               f"{100 * r['fraction_range'][1]:.0f}%)")
         lines.append(f"| {r['preset']} | {fmt(r['ours'])} | {fmt(r['ref'])} | "
                      f"{fmt(r['ratio'], '.2f', suffix='x')}{spread or ''} | {vs_preset}"
                      f"{r['mflop_per_token']:.2f} | "
                      f"{fmt(r['gflops'], '.0f')} | {fmt(r['roofline'])} | "
-                     f"{fmt(r['fraction'] and 100 * r['fraction'], '.0f', suffix='%')} | "
+                     f"{fmt(r['fraction'] and 100 * r['fraction'], '.0f', suffix='%')}"
+                     f"{of_roofline or ''} | "
                      f"{r['ours_ppl']:.3f} | {fmt(r['ref_ppl'], '.3f')} |")
     speed = {r["preset"]: r["ours"] for r in rows}  # variants have longer names
     twins = [f"{kind}_scratch / {kind}: {speed[f'{kind}_scratch'] / speed[kind]:.2f}x"
@@ -357,7 +373,8 @@ def main(argv=None) -> int:
         how = (f"tokens/s: median over {args.rounds} rounds in which each trainer ran "
                f"{args.round_epochs} epochs (after {args.warmup} warm-up) in turn, each round's "
                f"figure the median over its epochs; ratio: median of the per-round ratios "
-               f"(range over rounds)")
+               f"(range over rounds); matmul GFLOP/s: measured in every round after our "
+               f"runs, median; of roofline: median of the per-round fractions (range)")
     else:
         how = f"tokens/s: median over the epochs of the long run after {args.warmup} warm-up"
     report = "\n".join([

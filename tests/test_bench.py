@@ -22,15 +22,22 @@ def test_paired_speeds_runs_the_trainers_in_turns(monkeypatch, tmp_path):
         order.append(("ref", epochs))
         return {"tokens_per_s": next(ref_speed)}
 
+    roofline = iter([1.0, 2.0, 3.0])
+
+    def fake_roofline():
+        order.append(("roofline",))
+        return next(roofline)
+
     monkeypatch.setattr(bench, "run_ours", fake_ours)
     monkeypatch.setattr(bench, "run_reference", fake_reference)
     speeds = bench.paired_speeds("rnn", ["", "train.threads=1"],
                                  lambda s: s.split(",") if s else [], rounds=3, epochs=5,
                                  warmup=2, out_root=tmp_path, device="cpu",
-                                 use_reference=True)
-    assert order == [("ours", (), 7), ("ours", ("train.threads=1",), 7), ("ref", 5)] * 3
+                                 use_reference=True, measure_roofline=fake_roofline)
+    assert order == [("ours", (), 7), ("ours", ("train.threads=1",), 7), ("roofline",),
+                     ("ref", 5)] * 3
     assert speeds == {"": [100.0, 200.0, 80.0], "train.threads=1": [50.0, 90.0, 160.0],
-                      "ref": [10.0, 20.0, 40.0]}
+                      "roofline": [1.0, 2.0, 3.0], "ref": [10.0, 20.0, 40.0]}
     # per-round ratios, not a ratio of medians (which would be 100 / 20 = 5)
     assert bench.paired_ratios(speeds[""], speeds["ref"]) == [10.0, 10.0, 2.0]
     assert bench.paired_ratios([1.0, 2.0], [None, 4.0]) == [0.5]
@@ -58,6 +65,10 @@ def test_bench_writes_its_table_with_the_reference_of_each_round(tmp_path, monke
     low, high = (float(x) for x in ratio.split("(")[1].rstrip(")").split("-"))
     assert low <= float(ratio.split("x")[0]) <= high
     assert float(ratio.split("x")[0]) == pytest.approx(ours / 1000, abs=0.01)  # as printed
+    # the roofline is measured in each of the two rounds: a median fraction within its range
+    fraction = cells[-3]
+    low, high = (float(x) for x in fraction.split("(")[1].rstrip("%)").split("-"))
+    assert 0 < low <= float(fraction.split("%")[0]) <= high
 
 
 def test_a_variant_that_does_not_apply_to_a_preset_is_left_out(capsys):
