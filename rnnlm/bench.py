@@ -202,6 +202,11 @@ def paired_ratios(ours: list[float], other: list[float | None]) -> list[float]:
     return [a / b for a, b in zip(ours, other) if a and b]
 
 
+def value_range(values: list[float]) -> tuple[float, float] | None:
+    """(lowest, highest) over rounds, or None when there is no spread to show (one round)."""
+    return (min(values), max(values)) if len(values) > 1 else None
+
+
 def median_or_none(values: list) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
@@ -329,13 +334,12 @@ def main(argv=None) -> int:
                     "ours": ours, "ours_ppl": long[setting]["ppl"],
                     "ref": median_or_none(speeds["ref"]), "ref_ppl": ref and ref["ppl"],
                     "ratio": median_or_none(ratios),
-                    "ratio_range": (min(ratios), max(ratios)) if len(ratios) > 1 else None,
+                    "ratio_range": value_range(ratios),
                     "vs_preset": statistics.median(paired_ratios(speeds[setting],
                                                                  speeds[""])),
                     "mflop_per_token": fpt / 1e6, "gflops": gflops, "roofline": roofline,
                     "fraction": median_or_none(fractions),
-                    "fraction_range": ((min(fractions), max(fractions)) if len(fractions) > 1
-                                       else None),
+                    "fraction_range": value_range(fractions),
                 })
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     gen = generation_speed(args.gen_chars, args.device) if args.gen_chars else None
