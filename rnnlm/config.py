@@ -62,6 +62,10 @@ class ModelConfig:
     input_dropout: float = 0.0  # on the embeddings (needs embedding_dim)
     output_dropout: float = 0.0  # on the last layer's outputs, before the output layer
     weight_dropout: float = 0.0  # DropConnect on the hidden-to-hidden weights, per batch
+    # How input_dropout, dropout (between layers) and output_dropout draw their masks:
+    # per_step, a fresh mask for every time step; locked, one mask per lane for the whole
+    # window (variational dropout, as AWD-LSTM does)
+    dropout_masks: Literal["per_step", "locked"] = "per_step"
 
 
 @dataclass

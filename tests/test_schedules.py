@@ -10,6 +10,7 @@ import rnnlm.trainer
 from rnnlm.averaging import WeightAverage
 from rnnlm.config import ConfigError, config_from_dict, load_config
 from rnnlm.models import MODEL_KINDS, build_model
+from rnnlm.models.base import LockedDropout
 from rnnlm.schedules import EarlyStopping, LRSchedule
 from rnnlm.trainer import train
 from tests.conftest import ROOT
@@ -94,6 +95,7 @@ def test_early_stopping_counts_evaluations_without_improvement():
     (["model.input_dropout=0.2"], "model.input_dropout needs model.embedding_dim"),
     (["model.output_dropout=1"], "model.output_dropout must be in [0, 1)"),
     (["model.weight_dropout=-0.1"], "model.weight_dropout must be in [0, 1)"),
+    (["model.dropout_masks=sometimes"], "model.dropout_masks must be one of per_step, locked"),
 ])
 def test_nonsense_combinations_are_refused_at_load(overrides, fragment):
     with pytest.raises(ConfigError) as info:
@@ -217,3 +219,88 @@ def test_weight_dropout_drops_recurrent_weights_once_per_call(kind):
     model.eval()  # no dropout at evaluation
     twin.load_state_dict(model.state_dict())
     assert torch.allclose(model(x, state)[0], twin(x, state)[0], atol=1e-6)
+
+
+def test_locked_dropout_keeps_one_mask_per_lane_for_the_window():
+    torch.manual_seed(0)
+    drop = LockedDropout(0.5)
+    y = drop(torch.ones(6, 4, 50))  # (T, B, D)
+    assert torch.equal(y, y[:1].expand_as(y))  # every step has the first step's mask
+    assert set(y.unique().tolist()) == {0.0, 2.0}  # dropped, or kept and scaled by 1/(1-p)
+    assert not torch.equal(y[0, 0], y[0, 1])  # lanes draw their own masks
+    drop.eval()
+    x = torch.randn(6, 4, 50)
+    assert torch.equal(drop(x), x)
+
+
+def dropout_zero_patterns(kind, masks):
+    """Which units each dropout layer of a 2-layer model zeroed, per step: {name: (T, B, D)}."""
+    cfg = config_from_dict({}, [f"model.kind={kind}", "model.hidden_size=16",
+                                "model.num_layers=2", "model.embedding_dim=8",
+                                "model.input_dropout=0.5", "model.dropout=0.5",
+                                "model.output_dropout=0.5", f"model.dropout_masks={masks}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 10)
+    model.train()
+    zeros = {}
+
+    def record(name):
+        def hook(_module, _args, out):
+            zeros[name] = out == 0
+        return hook
+    for name in ("input_dropout", "between", "output_dropout"):
+        model.get_submodule(name).register_forward_hook(record(name))
+    model(torch.randint(0, 10, (3, 7)), model.begin_state(3))
+    return zeros
+
+
+@pytest.mark.parametrize("kind", list(MODEL_KINDS))
+def test_locked_masks_hold_for_the_whole_window_in_every_dropout_layer(kind):
+    """Input, between-layer and output dropout: with locked masks a unit of a lane that is
+    dropped at one step is dropped at every step of the window; per-step masks change."""
+    for name, zero in dropout_zero_patterns(kind, "locked").items():
+        assert zero.any() and not zero.all(), name
+        assert torch.equal(zero, zero[:1].expand_as(zero)), name
+    for name, zero in dropout_zero_patterns(kind, "per_step").items():
+        if name == "between" and kind in ("rnn", "gru", "lstm"):
+            continue  # per-step masks between torch.nn's layers are drawn inside the layer
+        assert not torch.equal(zero, zero[:1].expand_as(zero)), name
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+def test_torch_nn_layers_run_one_by_one_as_the_fused_layer_does(kind):
+    """Locked masks between torch.nn's stacked layers run the layers one at a time: without
+    dropout (evaluation) that gives the fused multi-layer call's outputs, state and
+    gradients."""
+    def make(masks):
+        cfg = config_from_dict({}, [f"model.kind={kind}", "model.hidden_size=12",
+                                    "model.num_layers=3", "model.embedding_dim=5",
+                                    "model.dropout=0.4", f"model.dropout_masks={masks}"])
+        return build_model(cfg.model, 9).double().eval()
+    torch.manual_seed(0)
+    layered, fused = make("locked"), make("per_step")
+    assert layered.layer_by_layer and not fused.layer_by_layer
+    fused.load_state_dict(layered.state_dict())
+    x = torch.randint(0, 9, (4, 6))
+    state = tuple(torch.randn_like(s) for s in layered.begin_state(4))
+    (out_a, state_a), (out_b, state_b) = layered(x, state), fused(x, state)
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=1e-12)
+    for a, b in zip(state_a, state_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    out_a.square().sum().backward()
+    out_b.square().sum().backward()
+    for (name, a), b in zip(layered.named_parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-10, msg=name)
+
+
+def test_locked_dropout_trains_with_dropconnect(tiny_overrides, tmp_path):
+    cfg = config_from_dict({}, [*tiny_overrides, f"out_dir={tmp_path / 'run'}", "model.kind=lstm",
+                                "model.num_layers=2", "model.embedding_dim=8",
+                                "model.dropout=0.3", "model.input_dropout=0.2",
+                                "model.output_dropout=0.3", "model.weight_dropout=0.3",
+                                "model.dropout_masks=locked", "data.split=[0.8,0.1,0.1]",
+                                "train.epochs=2"])
+    train(cfg, quiet=True)
+    records = [r for r in read_records(tmp_path / "run") if "epoch" in r]
+    assert len(records) == 2 and all(math.isfinite(r["val_ppl"]) for r in records)
+    assert records[1]["train_loss"] < records[0]["train_loss"]

@@ -32,7 +32,8 @@ def build_model(model_cfg, vocab_size: int, train_cfg=None) -> LanguageModel:
                dropout=model_cfg.dropout, embedding_dim=model_cfg.embedding_dim,
                activation=model_cfg.activation,
                input_dropout=model_cfg.input_dropout, output_dropout=model_cfg.output_dropout,
-               weight_dropout=model_cfg.weight_dropout, **extra)
+               weight_dropout=model_cfg.weight_dropout,
+               dropout_masks=model_cfg.dropout_masks, **extra)
 
 
 __all__ = ["MODEL_KINDS", "LanguageModel", "State", "build_model", "detach_state"]

@@ -14,6 +14,30 @@ from torch import nn
 State = tuple[torch.Tensor, ...]
 
 
+class LockedDropout(nn.Module):
+    """Variational dropout (Gal & Ghahramani; AWD-LSTM's "locked" dropout): one mask per lane
+    and feature, shared by every time step of the window, so a dropped unit stays dropped for
+    the whole sequence instead of flickering from step to step. Input (T, B, D)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty((1, *x.shape[1:])).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+#: model.dropout_masks -> the dropout layer: a fresh mask for every element of every step
+#: (nn.Dropout, Zaremba et al.), or one mask per lane for the whole window
+DROPOUT_MASKS: dict[str, type[nn.Module]] = {"per_step": nn.Dropout, "locked": LockedDropout}
+
+
 class LanguageModel(nn.Module):
     """Input encoding -> recurrent core (subclass) -> linear output layer."""
 
@@ -30,7 +54,8 @@ class LanguageModel(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, num_layers: int = 1,
                  dropout: float = 0.0, embedding_dim: int | None = None,
                  activation: str = "tanh", input_dropout: float = 0.0,
-                 output_dropout: float = 0.0, weight_dropout: float = 0.0):
+                 output_dropout: float = 0.0, weight_dropout: float = 0.0,
+                 dropout_masks: str = "per_step"):
         super().__init__()
         if activation not in self.activations:
             raise ValueError(f"{type(self).__name__} offers activation {self.activations}, "
@@ -43,14 +68,22 @@ class LanguageModel(nn.Module):
         if input_dropout and self.embedding is None:
             raise ValueError("input dropout needs an embedding (one-hot input is not dropped)")
         self.input_size = embedding_dim or vocab_size
+        if dropout_masks not in DROPOUT_MASKS:
+            raise ValueError(f"dropout_masks must be one of {tuple(DROPOUT_MASKS)}, "
+                             f"got {dropout_masks!r}")
+        self.dropout_masks = dropout_masks
         # Dropout on the input embeddings and on the top layer's outputs (Zaremba et al.);
         # `dropout` only acts between stacked layers, so a one-layer model had none.
-        self.input_dropout = nn.Dropout(input_dropout)
-        self.output_dropout = nn.Dropout(output_dropout)
+        self.input_dropout = self.make_dropout(input_dropout)
+        self.output_dropout = self.make_dropout(output_dropout)
         # DropConnect on the hidden-to-hidden weights (AWD-LSTM's weight drop), applied by the
         # recurrent core: one mask per forward call, shared by every time step.
         self.weight_dropout = weight_dropout
         self.output = nn.Linear(hidden_size, vocab_size)
+
+    def make_dropout(self, p: float) -> nn.Module:
+        """A dropout layer for (T, B, D) activations with this model's kind of masks."""
+        return DROPOUT_MASKS[self.dropout_masks](p)
 
     def begin_state(self, batch_size: int) -> State:
         """Fresh zero state on the model's device and dtype."""

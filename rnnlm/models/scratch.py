@@ -142,7 +142,7 @@ class ScratchLM(LanguageModel):
             ScratchLayer(self.input_size if k == 0 else hidden_size, hidden_size,
                          self.num_gates, cell, window)
             for k in range(num_layers))
-        self.between = nn.Dropout(dropout)
+        self.between = self.make_dropout(dropout)
         for layer in self.layers:
             layer.weight_dropout = self.weight_dropout
             layer.cell_kernel = cell_kernel

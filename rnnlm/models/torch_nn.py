@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
@@ -11,12 +12,19 @@ from rnnlm.models.base import LanguageModel, State
 
 class TorchRecurrentLM(LanguageModel):
     layer_class: type[nn.RNNBase] = nn.RNN
+    #: the op the layer runs, called directly for one layer at a time
+    layer_op = staticmethod(torch.rnn_tanh)
 
     def __init__(self, vocab_size, hidden_size, num_layers=1, dropout=0.0, embedding_dim=None,
                  **options):
         super().__init__(vocab_size, hidden_size, num_layers, dropout, embedding_dim, **options)
+        # torch.nn draws a fresh dropout mask for every step between its stacked layers; with
+        # locked masks the layers run one at a time and this model drops between them.
+        self.layer_by_layer = self.dropout_masks == "locked" and num_layers > 1 and dropout > 0
+        inner_dropout = dropout if num_layers > 1 and not self.layer_by_layer else 0.0
         self.rnn = self.layer_class(self.input_size, hidden_size, num_layers=num_layers,
-                                    dropout=dropout if num_layers > 1 else 0.0)
+                                    dropout=inner_dropout)
+        self.between = self.make_dropout(dropout if self.layer_by_layer else 0.0)
 
     def core(self, x, state: State, xi=None):
         if xi is not None:
@@ -24,17 +32,37 @@ class TorchRecurrentLM(LanguageModel):
                              "run the whole window in one fused call")
         if self.embedding is None:
             x = self.one_hot(x)
-        state_in = state if self.state_size == 2 else state[0]
+        dropped = {}
         if self.training and self.weight_dropout > 0:
-            # DropConnect: the layer runs once with dropped copies of its recurrent weights
+            # DropConnect: the layer runs with dropped copies of its recurrent weights
             # (gradients flow back to the originals), one mask for the whole window.
             dropped = {f"weight_hh_l{k}": F.dropout(getattr(self.rnn, f"weight_hh_l{k}"),
                                                     self.weight_dropout)
                        for k in range(self.num_layers)}
+        if self.layer_by_layer:
+            return self.run_layers(x, state, dropped)
+        state_in = state if self.state_size == 2 else state[0]
+        if dropped:
             outputs, new = functional_call(self.rnn, dropped, (x, state_in))
         else:
             outputs, new = self.rnn(x, state_in)
         return outputs, (new if self.state_size == 2 else (new,))
+
+    def run_layers(self, x, state: State, replaced: dict):
+        """The stacked layers one at a time, with `between` dropout on each lower layer's
+        output; `replaced` overrides some of the layer's weights (DropConnect)."""
+        finals = []
+        for k in range(self.num_layers):
+            if k > 0:
+                x = self.between(x)
+            weights = [replaced.get(name, getattr(self.rnn, name))
+                       for name in (f"weight_ih_l{k}", f"weight_hh_l{k}",
+                                    f"bias_ih_l{k}", f"bias_hh_l{k}")]
+            hx = [s[k:k + 1] for s in state]
+            x, *final = self.layer_op(x, hx if self.state_size == 2 else hx[0], weights,
+                                      True, 1, 0.0, self.training, False, False)
+            finals.append(final)
+        return x, tuple(torch.cat(parts) for parts in zip(*finals))
 
     def recurrent_weight(self, layer: int):
         return getattr(self.rnn, f"weight_hh_l{layer}")
@@ -46,10 +74,12 @@ class TorchRNN(TorchRecurrentLM):
 
 class TorchGRU(TorchRecurrentLM):
     layer_class = nn.GRU
+    layer_op = staticmethod(torch.gru)
     gate_names = ("r", "z", "n")
 
 
 class TorchLSTM(TorchRecurrentLM):
     layer_class = nn.LSTM
+    layer_op = staticmethod(torch.lstm)
     gate_names = ("i", "f", "g", "o")
     state_size = 2
