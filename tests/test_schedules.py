@@ -192,12 +192,20 @@ def test_input_and_output_dropout(kind):
     assert torch.allclose(plain(x, state)[0], c, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", list(MODEL_KINDS))
-def test_weight_dropout_drops_recurrent_weights_once_per_call(kind):
+@pytest.mark.parametrize("kind,layered", [(kind, False) for kind in MODEL_KINDS] +
+                         [(kind, True) for kind in ("rnn", "gru", "lstm")])
+def test_weight_dropout_drops_recurrent_weights_once_per_call(kind, layered):
+    """layered: torch.nn's layers run one by one (locked masks between them, switched off
+    here so that DropConnect draws the only masks)."""
+    locked = ["model.dropout=0.5", "model.dropout_masks=locked"] if layered else []
     cfg = config_from_dict({}, [f"model.kind={kind}", "model.hidden_size=12",
-                                "model.num_layers=2", "model.weight_dropout=0.5"]).model
+                                "model.num_layers=2", "model.weight_dropout=0.5",
+                                *locked]).model
     torch.manual_seed(0)
     model = build_model(cfg, 9)
+    if layered:
+        assert model.layer_by_layer
+        model.between.p = 0.0
     x = torch.randint(0, 9, (2, 6))
     state = model.begin_state(2)
     model.train()
