@@ -6,11 +6,15 @@ carried to its end. Every token of a lane but the first is predicted once, so a 
 tokens in k lanes gives m - k predictions, and the loss is their mean cross-entropy: the
 perplexity of a model that predicts the uniform distribution is exactly the vocabulary size.
 With one lane the result does not depend on the window length (up to float rounding).
+
+Several models score as an ensemble: each token's probability is the mean of the models'
+probabilities (each model carries its own state), and the loss is -log of that mean.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,18 +53,21 @@ def lane_bounds(n: int, lanes: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def evaluate(model: LanguageModel, ids: np.ndarray, lanes: int, device: torch.device,
-             window: int = EVAL_WINDOW) -> EvalResult:
-    """Mean cross-entropy of `model` over the 1-D token array `ids` (see the module doc)."""
+def evaluate(model: LanguageModel | Sequence[LanguageModel], ids: np.ndarray, lanes: int,
+             device: torch.device, window: int = EVAL_WINDOW) -> EvalResult:
+    """Mean cross-entropy of `model` (or of an ensemble, a sequence of models) over the 1-D
+    token array `ids` (see the module doc)."""
+    models = list(model) if isinstance(model, Sequence) else [model]
     n = len(ids)
     if n < 2 * lanes:
         raise ValueError(f"{n} tokens cannot fill {lanes} lanes of at least two tokens")
     starts, sizes = lane_bounds(n, lanes)
     length = int(sizes.max())
-    was_training = model.training
-    model.eval()
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
     try:
-        state = model.begin_state(lanes)
+        states = [m.begin_state(lanes) for m in models]
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         count = 0
         for s in range(0, length - 1, window):
@@ -68,13 +75,19 @@ def evaluate(model: LanguageModel, ids: np.ndarray, lanes: int, device: torch.de
             index = np.minimum(starts[:, None] + pos, n - 1)  # a short lane repeats its end
             tokens = torch.from_numpy(np.asarray(ids[index], dtype=np.int64)).to(device)
             valid = torch.from_numpy(pos[1:] < sizes[:, None]).to(device)  # (lanes, w)
-            logits, state = model(tokens[:, :-1], state)  # (w, lanes, V)
-            losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                     tokens[:, 1:].t().reshape(-1), reduction="none")
-            loss_sum += (losses.double() * valid.t().reshape(-1)).sum()
+            targets = tokens[:, 1:].t().reshape(-1)
+            member_losses = []
+            for k, m in enumerate(models):
+                logits, states[k] = m(tokens[:, :-1], states[k])  # (w, lanes, V)
+                member_losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     targets, reduction="none").double())
+            losses = member_losses[0] if len(models) == 1 else \
+                math.log(len(models)) - torch.logsumexp(-torch.stack(member_losses), 0)
+            loss_sum += (losses * valid.t().reshape(-1)).sum()
             count += int(valid.sum())
     finally:
-        model.train(was_training)
+        for m, training in zip(models, was_training, strict=True):
+            m.train(training)
     return EvalResult(loss=loss_sum.item() / count, tokens=count)
 
 
