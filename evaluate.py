@@ -27,6 +27,9 @@ def main() -> int:
     parser.add_argument("--unknown", choices=["error", "replace"], default="error",
                         help="--text characters outside the vocabulary: stop with an error "
                              "(default) or score them as <unk>")
+    parser.add_argument("--encoding-errors", choices=["strict", "replace"], default="strict",
+                        help="--text bytes that are not UTF-8: stop with an error naming the "
+                             "file and offset (default) or read them as U+FFFD")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     parser.add_argument("--threads", type=int,
                         help="CPU threads (default: one per lane, up to the CPU count; one "
@@ -37,7 +40,7 @@ def main() -> int:
     import torch
 
     from rnnlm.config import ConfigError
-    from rnnlm.scoring import load_scored, result_line, score, split_ids, text_ids
+    from rnnlm.scoring import heldout_ids, load_scored, result_line, score, text_ids
     from rnnlm.trainer import resolve_device
 
     if args.lanes < 1:
@@ -48,9 +51,10 @@ def main() -> int:
     device = resolve_device(args.device)
     scored = load_scored(args.checkpoint, device)
     if args.text is not None:
-        ids, label = text_ids(args.text, scored[0].vocab, scored[0].preprocess, args.unknown)
+        ids, label = text_ids(args.text, scored[0].vocab, scored[0].preprocess, args.unknown,
+                              args.encoding_errors)
     else:
-        ids, label = split_ids(scored, args.split)
+        ids, label = heldout_ids(scored, args.split)
     alone, together = score(scored, ids, args.lanes, device)
     print(f"{label}: {len(ids):,} tokens, {alone[0].tokens:,} predicted, "
           f"{args.lanes} lane(s)")

@@ -52,12 +52,22 @@ def lane_bounds(n: int, lanes: int) -> tuple[np.ndarray, np.ndarray]:
     return starts, sizes
 
 
+def evaluate(model: LanguageModel, ids: np.ndarray, lanes: int, device: torch.device,
+             window: int = EVAL_WINDOW) -> EvalResult:
+    """Mean cross-entropy of `model` over the 1-D token array `ids` (see the module doc)."""
+    return _score([model], ids, lanes, device, window)[0][0]
+
+
+def evaluate_ensemble(models: Sequence[LanguageModel], ids: np.ndarray, lanes: int,
+                      device: torch.device, window: int = EVAL_WINDOW
+                      ) -> tuple[list[EvalResult], EvalResult]:
+    """Each model's result and the ensemble's (the mean of their probabilities), in one pass."""
+    return _score(list(models), ids, lanes, device, window)
+
+
 @torch.no_grad()
-def evaluate(model: LanguageModel | Sequence[LanguageModel], ids: np.ndarray, lanes: int,
-             device: torch.device, window: int = EVAL_WINDOW) -> EvalResult:
-    """Mean cross-entropy of `model` (or of an ensemble, a sequence of models) over the 1-D
-    token array `ids` (see the module doc)."""
-    models = list(model) if isinstance(model, Sequence) else [model]
+def _score(models: list[LanguageModel], ids: np.ndarray, lanes: int, device: torch.device,
+           window: int) -> tuple[list[EvalResult], EvalResult]:
     n = len(ids)
     if n < 2 * lanes:
         raise ValueError(f"{n} tokens cannot fill {lanes} lanes of at least two tokens")
@@ -68,7 +78,8 @@ def evaluate(model: LanguageModel | Sequence[LanguageModel], ids: np.ndarray, la
         m.eval()
     try:
         states = [m.begin_state(lanes) for m in models]
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        # per-member loss sums, then the ensemble's
+        loss_sums = torch.zeros(len(models) + 1, dtype=torch.float64, device=device)
         count = 0
         for s in range(0, length - 1, window):
             pos = s + np.arange(min(window, length - 1 - s) + 1)  # inputs and one more
@@ -76,19 +87,22 @@ def evaluate(model: LanguageModel | Sequence[LanguageModel], ids: np.ndarray, la
             tokens = torch.from_numpy(np.asarray(ids[index], dtype=np.int64)).to(device)
             valid = torch.from_numpy(pos[1:] < sizes[:, None]).to(device)  # (lanes, w)
             targets = tokens[:, 1:].t().reshape(-1)
-            member_losses = []
+            losses = []
             for k, m in enumerate(models):
                 logits, states[k] = m(tokens[:, :-1], states[k])  # (w, lanes, V)
-                member_losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                     targets, reduction="none").double())
-            losses = member_losses[0] if len(models) == 1 else \
-                math.log(len(models)) - torch.logsumexp(-torch.stack(member_losses), 0)
-            loss_sum += (losses * valid.t().reshape(-1)).sum()
+                losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets,
+                                              reduction="none").double())
+            losses = torch.stack(losses)
+            # -log of the mean probability; with one model exactly its own loss
+            together = losses[0] if len(models) == 1 else \
+                math.log(len(models)) - torch.logsumexp(-losses, 0)
+            loss_sums += (torch.cat([losses, together[None]]) * valid.t().reshape(-1)).sum(1)
             count += int(valid.sum())
     finally:
         for m, training in zip(models, was_training, strict=True):
             m.train(training)
-    return EvalResult(loss=loss_sum.item() / count, tokens=count)
+    results = [EvalResult(loss=total / count, tokens=count) for total in loss_sums.tolist()]
+    return results[:-1], results[-1]
 
 
 class BestWeights:

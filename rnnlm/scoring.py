@@ -12,9 +12,9 @@ import torch
 from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint
 from rnnlm.config import Config, ConfigError
 from rnnlm.data import Vocab, load_corpus, tokenize_files
-from rnnlm.evaluate import EvalResult, evaluate
+from rnnlm.evaluate import EvalResult, evaluate, evaluate_ensemble
 from rnnlm.models import LanguageModel
-from rnnlm.sources import list_source_files
+from rnnlm.sources import DataError, list_source_files
 
 SPLIT_LABELS = {"val": "validation", "test": "test"}
 
@@ -47,9 +47,10 @@ def load_scored(paths: list[str], device: torch.device) -> list[Scored]:
     return scored
 
 
-def split_ids(scored: list[Scored], split: str) -> tuple[np.ndarray, str]:
+def heldout_ids(scored: list[Scored], split: str) -> tuple[np.ndarray, str]:
     """The token ids of the checkpoints' `split` ("val" or "test"), rebuilt from the data
-    config saved in the first checkpoint, and a label naming it."""
+    config saved in the first checkpoint (relative paths read from the current folder, as
+    training did), and a label naming it."""
     first = scored[0]
     data = first.cfg.data
     for other in scored[1:]:
@@ -58,22 +59,28 @@ def split_ids(scored: list[Scored], split: str) -> tuple[np.ndarray, str]:
                                                                data.max_tokens):
             raise ConfigError(f"{other.path} was trained on another text or split than "
                               f"{first.path}: score them on a common text with --text")
+    fraction = {"val": 1, "test": 2}[split]
+    if data.split is None or data.split[fraction] == 0:
+        raise ConfigError(f"{first.path} was trained without a {SPLIT_LABELS[split]} split "
+                          f"(data.split {data.split}): score it on a text with --text PATH")
     corpus = load_corpus(data)
     if corpus.vocab != first.vocab:
         raise ConfigError(f"{corpus.source} no longer gives the vocabulary {first.path} was "
                           f"trained with (the file changed?): score it with --text instead")
-    ids = getattr(corpus.splits, split)
-    if ids is None:
-        raise ConfigError(f"{first.path} was trained without a {SPLIT_LABELS[split]} split "
-                          f"(data.split {data.split}): score it on a text with --text FILE")
-    return ids, f"{SPLIT_LABELS[split]} split of {corpus.source}"
+    return getattr(corpus.splits, split), f"{SPLIT_LABELS[split]} split of {corpus.source}"
 
 
-def text_ids(path: str, vocab: Vocab, preprocess: str, unknown: str) -> tuple[np.ndarray, str]:
+def text_ids(path: str, vocab: Vocab, preprocess: str, unknown: str,
+             encoding_errors: str = "strict") -> tuple[np.ndarray, str]:
     """A text file, or the .txt files of a folder, through the models' own preprocessing,
     as ids of their vocabulary; characters the models never saw are an error, or <unk>."""
-    files = list_source_files(Path(path))
-    ids, own_vocab, _ = tokenize_files(files, preprocess, "strict", cache_dir=None)
+    try:
+        files = list_source_files(Path(path))
+        ids, own_vocab, _ = tokenize_files(files, preprocess, encoding_errors, cache_dir=None)
+    except DataError as exc:
+        # The data layer words its errors for a config file; here they are about options.
+        raise DataError(str(exc).replace("data.path", "--text").replace(
+            "set data.encoding_errors: replace", "pass --encoding-errors replace")) from None
     to_model = np.array([vocab.index.get(tok, -1) for tok in own_vocab.tokens], dtype=np.int64)
     unseen = [tok for tok, i in zip(own_vocab.tokens[1:], to_model[1:], strict=True) if i < 0]
     if unseen and unknown == "error":
@@ -90,10 +97,9 @@ def score(scored: list[Scored], ids: np.ndarray, lanes: int,
     if len(ids) < 2 * lanes:
         raise ConfigError(f"the text has {len(ids)} tokens after preprocessing; {lanes} "
                           f"lane(s) need at least {2 * lanes}")
-    alone = [evaluate(s.model, ids, lanes, device) for s in scored]
-    together = evaluate([s.model for s in scored], ids, lanes, device) if len(scored) > 1 \
-        else None
-    return alone, together
+    if len(scored) == 1:
+        return [evaluate(scored[0].model, ids, lanes, device)], None
+    return evaluate_ensemble([s.model for s in scored], ids, lanes, device)
 
 
 def result_line(result: EvalResult, name: str) -> str:

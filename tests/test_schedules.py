@@ -301,6 +301,37 @@ def test_torch_nn_layers_run_one_by_one_as_the_fused_layer_does(kind):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_locked_dropout_between_torch_nn_layers_is_one_mask_on_the_lower_output(kind):
+    """The definition, in training: layer 0 runs, one (1, B, H) mask scaled by 1/(1-p)
+    multiplies its outputs at every step, layer 1 runs on that (and nothing drops after the
+    top layer)."""
+    cfg = config_from_dict({}, [f"model.kind={kind}", "model.hidden_size=10",
+                                "model.num_layers=2", "model.dropout=0.5",
+                                "model.dropout_masks=locked"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 7).train()
+    tokens = torch.randint(0, 7, (3, 5))
+    state = tuple(torch.randn_like(s) for s in model.begin_state(3))
+    torch.manual_seed(11)
+    logits, final = model(tokens, state)
+
+    torch.manual_seed(11)
+    mask = torch.empty(1, 3, 10).bernoulli_(0.5) * 2.0
+    layers = [model.layer_class(model.input_size if k == 0 else 10, 10) for k in range(2)]
+    x = model.one_hot(tokens.t())
+    finals = []
+    for k, layer in enumerate(layers):
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(layer, f"{name}_l0").data.copy_(getattr(model.rnn, f"{name}_l{k}"))
+        hx = tuple(s[k:k + 1] for s in state)
+        x, h = layer(x * mask if k > 0 else x, hx if len(hx) == 2 else hx[0])
+        finals.append(h if isinstance(h, tuple) else (h,))
+    torch.testing.assert_close(logits, model.output(x), rtol=0, atol=1e-6)
+    for got, parts in zip(final, zip(*finals, strict=True), strict=True):
+        torch.testing.assert_close(got, torch.cat(parts), rtol=0, atol=1e-6)
+
+
 def test_locked_dropout_trains_with_dropconnect(tiny_overrides, tmp_path):
     cfg = config_from_dict({}, [*tiny_overrides, f"out_dir={tmp_path / 'run'}", "model.kind=lstm",
                                 "model.num_layers=2", "model.embedding_dim=8",

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from rnnlm.config import ConfigError, config_from_dict, load_config
-from rnnlm.evaluate import evaluate, lane_bounds
+from rnnlm.evaluate import evaluate, evaluate_ensemble, lane_bounds
 from rnnlm.models import build_model
-from rnnlm.scoring import load_scored, score, split_ids, text_ids
+from rnnlm.scoring import heldout_ids, load_scored, score, text_ids
 from rnnlm.trainer import train
 from tests.conftest import ROOT, time_machine_source
 
@@ -47,19 +47,19 @@ def ensemble_loss_by_hand(models, ids, lanes):
 def test_an_ensemble_scores_the_mean_of_the_probabilities(lanes, window):
     models = [small_model("gru", 0), small_model("lstm", 1), small_model("rnn_scratch", 2)]
     ids = np.random.default_rng(0).integers(0, 12, size=150)
-    result = evaluate(models, ids, lanes, CPU, window=window)
+    members, result = evaluate_ensemble(models, ids, lanes, CPU, window=window)
     assert result.tokens == 150 - lanes
     assert result.loss == pytest.approx(ensemble_loss_by_hand(models, ids, lanes), rel=1e-6)
-    # -log of a mean is at most the mean of -logs (Jensen): never worse than the average member
-    members = [evaluate(m, ids, lanes, CPU).loss for m in models]
-    assert result.loss <= sum(members) / len(members)
+    for model, member in zip(models, members, strict=True):  # the same pass scores each
+        assert member.loss == pytest.approx(evaluate(model, ids, lanes, CPU).loss, rel=1e-12)
 
 
 def test_an_ensemble_of_one_model_twice_scores_as_the_model():
     model = small_model("lstm", 0)
     ids = np.random.default_rng(1).integers(0, 12, size=90)
     alone = evaluate(model, ids, 2, CPU)
-    assert evaluate([model, model], ids, 2, CPU).loss == pytest.approx(alone.loss, abs=1e-12)
+    _, together = evaluate_ensemble([model, model], ids, 2, CPU)
+    assert together.loss == pytest.approx(alone.loss, abs=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_evaluate_rescores_the_splits_as_training_did(runs, monkeypatch, capsys)
     assert float(line.split()[1]) == pytest.approx(best["val_ppl"], abs=5e-4)
     assert f"(epoch {best['epoch']})" in line
     scored = load_scored([str(run / "best.pt")], CPU)
-    ids, _ = split_ids(scored, "test")
+    ids, _ = heldout_ids(scored, "test")
     alone, together = score(scored, ids, 1, CPU)
     assert alone[0].ppl == pytest.approx(test["test_ppl"], rel=1e-9) and together is None
 
@@ -129,7 +129,7 @@ def test_evaluate_scores_a_text_file_and_an_ensemble(runs, tmp_path):
     their ensemble."""
     run = runs / "split"
     scored = load_scored([str(run / "best.pt"), str(run / "last.pt")], CPU)
-    ids, _ = split_ids(scored, "val")
+    ids, _ = heldout_ids(scored, "val")
     vocab = scored[0].vocab
     text = tmp_path / "val.txt"
     text.write_text(vocab.decode(ids).strip(" "))
@@ -163,11 +163,18 @@ def test_characters_the_model_never_saw(runs, tmp_path):
     (["--checkpoint", "{raw}/best.pt", "--split", "test"], "trained without a test split"),
     (["--checkpoint", "{split}/best.pt", "--lanes", "0"], "--lanes must be >= 1"),
     (["--checkpoint", "{split}/nothing.pt"], "not found"),
-    (["--checkpoint", "{split}/best.pt", "--text", "{split}/missing.txt"], "does not exist"),
+    (["--checkpoint", "{split}/best.pt", "--text", "{split}/missing.txt"],
+     "--text {split}/missing.txt does not exist"),
+    (["--checkpoint", "{split}/best.pt", "--text", "{latin1}"],
+     "latin1.txt is not valid UTF-8 (byte offset 5): convert it to UTF-8, or pass "
+     "--encoding-errors replace"),
 ])
-def test_bad_input_is_one_line_and_exit_2(runs, args, fragment, monkeypatch, capsys):
-    code, _, err = evaluate_here([a.format(split=runs / "split", raw=runs / "raw")
-                                  for a in args], monkeypatch, capsys)
+def test_bad_input_is_one_line_and_exit_2(runs, args, fragment, monkeypatch, capsys, tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("time \u00e9t\u00e9".encode("latin-1"))
+    paths = {"split": runs / "split", "raw": runs / "raw", "latin1": latin1}
+    code, _, err = evaluate_here([a.format(**paths) for a in args], monkeypatch, capsys)
+    fragment = fragment.format(**paths)
     assert code == 2
     assert err.startswith("error: ") and fragment in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -27,7 +27,7 @@ class LockedDropout(nn.Module):
         if not self.training or self.p == 0:
             return x
         keep = x.new_empty((1, *x.shape[1:])).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
+        return x * keep.div_(1 - self.p)  # scale the small mask, not the activations
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

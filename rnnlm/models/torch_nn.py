@@ -9,11 +9,13 @@ from torch.func import functional_call
 
 from rnnlm.models.base import LanguageModel, State
 
+#: nn.RNNBase.mode -> the op its forward calls (torch.rnn_tanh(input, hx, weights, ...))
+LAYER_OPS = {"RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu, "GRU": torch.gru,
+             "LSTM": torch.lstm}
+
 
 class TorchRecurrentLM(LanguageModel):
     layer_class: type[nn.RNNBase] = nn.RNN
-    #: the op the layer runs, called directly for one layer at a time
-    layer_op = staticmethod(torch.rnn_tanh)
 
     def __init__(self, vocab_size, hidden_size, num_layers=1, dropout=0.0, embedding_dim=None,
                  **options):
@@ -50,7 +52,10 @@ class TorchRecurrentLM(LanguageModel):
 
     def run_layers(self, x, state: State, replaced: dict):
         """The stacked layers one at a time, with `between` dropout on each lower layer's
-        output; `replaced` overrides some of the layer's weights (DropConnect)."""
+        output; `replaced` overrides some of the layer's weights (DropConnect). Each layer is
+        the op the torch.nn layer itself calls, for one layer; on a GPU the layers above the
+        first then give up cuDNN's flat weight buffer (their weights are copied per call)."""
+        layer_op = LAYER_OPS[self.rnn.mode]
         finals = []
         for k in range(self.num_layers):
             if k > 0:
@@ -59,8 +64,9 @@ class TorchRecurrentLM(LanguageModel):
                        for name in (f"weight_ih_l{k}", f"weight_hh_l{k}",
                                     f"bias_ih_l{k}", f"bias_hh_l{k}")]
             hx = [s[k:k + 1] for s in state]
-            x, *final = self.layer_op(x, hx if self.state_size == 2 else hx[0], weights,
-                                      True, 1, 0.0, self.training, False, False)
+            x, *final = layer_op(x, hx if self.state_size == 2 else hx[0], weights,
+                                 True, 1, 0.0, self.training, False, False)
+            # (has_biases, num_layers, dropout, train, bidirectional, batch_first)
             finals.append(final)
         return x, tuple(torch.cat(parts) for parts in zip(*finals))
 
@@ -74,12 +80,10 @@ class TorchRNN(TorchRecurrentLM):
 
 class TorchGRU(TorchRecurrentLM):
     layer_class = nn.GRU
-    layer_op = staticmethod(torch.gru)
     gate_names = ("r", "z", "n")
 
 
 class TorchLSTM(TorchRecurrentLM):
     layer_class = nn.LSTM
-    layer_op = staticmethod(torch.lstm)
     gate_names = ("i", "f", "g", "o")
     state_size = 2
