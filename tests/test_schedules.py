@@ -333,12 +333,12 @@ def test_locked_dropout_between_torch_nn_layers_is_one_mask_on_the_lower_output(
 
 
 def test_locked_dropout_trains_with_dropconnect(tiny_overrides, tmp_path):
-    cfg = config_from_dict({}, [*tiny_overrides, f"out_dir={tmp_path / 'run'}", "model.kind=lstm",
-                                "model.num_layers=2", "model.embedding_dim=8",
-                                "model.dropout=0.3", "model.input_dropout=0.2",
-                                "model.output_dropout=0.3", "model.weight_dropout=0.3",
-                                "model.dropout_masks=locked", "data.split=[0.8,0.1,0.1]",
-                                "train.epochs=2"])
+    cfg = load_config(ROOT / "configs/tiny.yaml",
+                      [*tiny_overrides, "model.kind=lstm", "train.predict_every=0",
+                       "model.num_layers=2", "model.embedding_dim=8", "model.dropout=0.3",
+                       "model.input_dropout=0.2", "model.output_dropout=0.3",
+                       "model.weight_dropout=0.3", "model.dropout_masks=locked",
+                       "data.split=[0.8,0.1,0.1]", "train.epochs=2"])
     train(cfg, quiet=True)
     records = [r for r in read_records(tmp_path / "run") if "epoch" in r]
     assert len(records) == 2 and all(math.isfinite(r["val_ppl"]) for r in records)
