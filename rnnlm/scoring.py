@@ -14,7 +14,7 @@ from rnnlm.config import Config, ConfigError
 from rnnlm.data import Vocab, load_corpus, tokenize_files
 from rnnlm.evaluate import EvalResult, evaluate, evaluate_ensemble
 from rnnlm.models import LanguageModel
-from rnnlm.sources import DataError, list_source_files
+from rnnlm.sources import NotUtf8Error, list_source_files
 
 SPLIT_LABELS = {"val": "validation", "test": "test"}
 
@@ -74,13 +74,11 @@ def text_ids(path: str, vocab: Vocab, preprocess: str, unknown: str,
              encoding_errors: str = "strict") -> tuple[np.ndarray, str]:
     """A text file, or the .txt files of a folder, through the models' own preprocessing,
     as ids of their vocabulary; characters the models never saw are an error, or <unk>."""
+    files = list_source_files(Path(path), given_as="--text")
     try:
-        files = list_source_files(Path(path))
         ids, own_vocab, _ = tokenize_files(files, preprocess, encoding_errors, cache_dir=None)
-    except DataError as exc:
-        # The data layer words its errors for a config file; here they are about options.
-        raise DataError(str(exc).replace("data.path", "--text").replace(
-            "set data.encoding_errors: replace", "pass --encoding-errors replace")) from None
+    except NotUtf8Error as exc:
+        raise NotUtf8Error(exc.path, exc.offset, "pass --encoding-errors replace") from None
     to_model = np.array([vocab.index.get(tok, -1) for tok in own_vocab.tokens], dtype=np.int64)
     unseen = [tok for tok, i in zip(own_vocab.tokens[1:], to_model[1:], strict=True) if i < 0]
     if unseen and unknown == "error":

@@ -25,18 +25,30 @@ class DataError(ConfigError):
     """A user-facing data problem (missing or unreadable file, not UTF-8, corpus too short)."""
 
 
-def list_source_files(path: Path) -> list[Path]:
-    """The files of a corpus: `path` itself, or the `.txt` files under a folder, sorted."""
+class NotUtf8Error(DataError):
+    """A file that is not valid UTF-8; `replace_with` says how the user turns on
+    replacement where the file was given (a config key, a command-line option)."""
+
+    def __init__(self, path: Path, offset: int,
+                 replace_with: str = "set data.encoding_errors: replace"):
+        self.path, self.offset = path, offset
+        super().__init__(f"{path} is not valid UTF-8 (byte offset {offset}): convert it to "
+                         f"UTF-8, or {replace_with} to read bad bytes as U+FFFD")
+
+
+def list_source_files(path: Path, given_as: str = "data.path") -> list[Path]:
+    """The files of a corpus: `path` itself, or the `.txt` files under a folder, sorted.
+    `given_as` names the setting that gave the path, for the error messages."""
     if path.is_file():
         return [path]
     if path.is_dir():
         files = sorted((p for p in path.rglob("*.txt") if p.is_file()),
                        key=lambda p: p.relative_to(path).as_posix())
         if not files:
-            raise DataError(f"data.path {path} is a folder without .txt files: put the "
-                              f"corpus in .txt files (UTF-8) or point data.path at one file")
+            raise DataError(f"{given_as} {path} is a folder without .txt files: put the "
+                              f"corpus in .txt files (UTF-8) or point {given_as} at one file")
         return files
-    raise DataError(f"data.path {path} does not exist: give a UTF-8 text file or a folder "
+    raise DataError(f"{given_as} {path} does not exist: give a UTF-8 text file or a folder "
                       f"of .txt files")
 
 
@@ -58,9 +70,7 @@ def _check_utf8(raw: bytes, path: Path, offset: int) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not valid UTF-8 (byte offset {offset + exc.start}): "
-                          f"convert it to UTF-8, or set data.encoding_errors: replace to "
-                          f"read bad bytes as U+FFFD") from None
+        raise NotUtf8Error(path, offset + exc.start) from None
 
 
 def _normalise_newlines(raw):

@@ -1,6 +1,5 @@
 """evaluate.py: scoring checkpoints on their held-out splits or on any text, and ensembles."""
 
-import json
 import math
 import runpy
 import subprocess
@@ -17,6 +16,7 @@ from rnnlm.models import build_model
 from rnnlm.scoring import heldout_ids, load_scored, score, text_ids
 from rnnlm.trainer import train
 from tests.conftest import ROOT, time_machine_source
+from tests.test_heldout import read_records
 
 CPU = torch.device("cpu")
 
@@ -80,10 +80,6 @@ def runs(tmp_path_factory):
     return root
 
 
-def records(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def run_evaluate(*args):
     """evaluate.py as a separate process, as a user runs it."""
     return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, args)],
@@ -107,7 +103,7 @@ def test_evaluate_rescores_the_splits_as_training_did(runs, monkeypatch, capsys)
     """best.pt on its validation split gives the validation perplexity recorded at its epoch,
     and on the test split the test perplexity the run recorded at its end."""
     run = runs / "split"
-    logged = records(run)
+    logged = read_records(run)
     best = min((r for r in logged if "val_ppl" in r), key=lambda r: r["val_ppl"])
     test = logged[-1]
     code, out, err = evaluate_here(["--checkpoint", run / "best.pt", "--split", "val"],
