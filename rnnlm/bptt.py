@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from rnnlm import native_cells
 from rnnlm.scripting import scripted
 
 _ACTIVATIONS = ("tanh", "identity")
@@ -113,10 +114,15 @@ class ManualRNNWindow(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xw, h0, W_hh, activation: str, xi):
+    def forward(ctx, xw, h0, W_hh, activation: str, xi, cell_kernel: str = "auto"):
         xi = _check_window(xw, h0, W_hh, activation, xi)
         tanh = activation == "tanh"
-        buf = _rnn_forward_loop(xw, h0, W_hh, tanh)
+        # The loop in C (BLAS called from C, native_cells.py) where it can run; it takes the
+        # same steps in the same order, so the results agree to float32 rounding.
+        ctx.native = native_cells.usable_for(cell_kernel, xw, xi) and \
+            native_cells.windows_available()
+        loop = native_cells.rnn_forward_loop if ctx.native else _rnn_forward_loop
+        buf = loop(xw, h0, W_hh, tanh)
         ctx.tanh = tanh
         ctx.has_xi = xi is not None
         # h_t (not a_t) is enough: tanh'(a_t) = 1 - h_t^2 and identity' = 1.
@@ -135,7 +141,10 @@ class ManualRNNWindow(torch.autograd.Function):
         T, B, H = hs.shape
         tanh = ctx.tanh
 
-        dA = _rnn_backward_loop(buf, dhs, W_hh, tanh, xi)
+        if ctx.native:
+            dA = native_cells.rnn_backward_loop(buf, dhs, W_hh, tanh)
+        else:
+            dA = _rnn_backward_loop(buf, dhs, W_hh, tanh, xi)
 
         dh0 = None
         if need_h0:
@@ -146,13 +155,15 @@ class ManualRNNWindow(torch.autograd.Function):
         if need_w:
             # sum_t da_t^T h_{t-1} as ONE (H, T*B) @ (T*B, H) GEMM: far faster than T small ones.
             dW = dA.reshape(T * B, H).t() @ buf[:-1].reshape(T * B, H)
-        return (dA if need_xw else None), dh0, dW, None, None
+        return (dA if need_xw else None), dh0, dW, None, None, None
 
 
 def manual_rnn_window(xw: torch.Tensor, h0: torch.Tensor, W_hh: torch.Tensor,
-                      activation: str = "tanh", xi: torch.Tensor | None = None) -> torch.Tensor:
-    """All hidden states (T, B, H) of one window, with the hand-written BPTT backward."""
-    return ManualRNNWindow.apply(xw, h0, W_hh, activation, xi)
+                      activation: str = "tanh", xi: torch.Tensor | None = None,
+                      cell_kernel: str = "auto") -> torch.Tensor:
+    """All hidden states (T, B, H) of one window, with the hand-written BPTT backward.
+    cell_kernel: model.cell_kernel (auto | c | torch), see native_cells.usable_for."""
+    return ManualRNNWindow.apply(xw, h0, W_hh, activation, xi, cell_kernel)
 
 
 class _ScaleGrad(torch.autograd.Function):

@@ -304,12 +304,15 @@ def shards_allowed(cfg: Config, shards: int) -> bool:
     return True
 
 
+SCRATCH_KINDS = ("rnn_scratch", "gru_scratch", "lstm_scratch")
+
+
 def cell_kernel_applies(cfg: Config) -> bool:
     """Whether the training windows of this config can use model.cell_kernel's C kernels:
-    a scratch GRU/LSTM with the hand-written fp32 eager backward, no randomized truncation
+    a scratch model with the hand-written fp32 eager backward, no randomized truncation
     (the device is checked once known, trainer.check_cell_kernel)."""
     m, t = cfg.model, cfg.train
-    return (m.kind in ("gru_scratch", "lstm_scratch") and m.backward != "autograd"
+    return (m.kind in SCRATCH_KINDS and m.backward != "autograd"
             and t.precision == "fp32" and not t.compile and t.truncation != "randomized")
 
 
@@ -339,9 +342,9 @@ def validate(cfg: Config) -> None:
              "model.backward: manual is the fp32, eager hand-written backward; with "
              f"train.precision={t.precision} and train.compile={str(t.compile).lower()} use "
              "model.backward=auto (autograd)")
-    _require(m.cell_kernel == "auto" or m.kind in ("gru_scratch", "lstm_scratch"),
-             f"model.cell_kernel: {m.cell_kernel} applies to gru_scratch and lstm_scratch "
-             f"only; leave model.cell_kernel: auto for {m.kind}")
+    _require(m.cell_kernel == "auto" or m.kind in SCRATCH_KINDS,
+             f"model.cell_kernel: {m.cell_kernel} applies to the scratch kinds only "
+             f"({', '.join(SCRATCH_KINDS)}); leave model.cell_kernel: auto for {m.kind}")
     _require(m.cell_kernel != "c" or cell_kernel_applies(cfg),
              "model.cell_kernel: c is a kernel of the hand-written fp32 backward without "
              "randomized truncation; with model.backward=autograd, train.precision=bf16, "

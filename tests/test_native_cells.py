@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rnnlm import gated_bptt, native_cells
+from rnnlm import bptt, gated_bptt, native_cells
 from rnnlm.config import ConfigError, load_config
 from rnnlm.models import build_model
 from rnnlm.trainer import check_cell_kernel
@@ -22,39 +22,86 @@ def assert_close(actual, expected, tol=2e-6):
     assert float((actual - expected).detach().abs().max()) <= tol * scale
 
 
+needs_windows = pytest.mark.skipif(not native_cells.windows_available(),
+                                   reason=f"C window loops unavailable: "
+                                          f"{native_cells.window_unavailable_reason()}")
+# the loop in Python with a C call per step, and (where torch's MKL is found) the whole loop
+# in C; vector tails and one lane among the shapes
+WHOLE_WINDOW = [False, pytest.param(True, marks=needs_windows)]
+
+
 @needs_native
-@pytest.mark.parametrize("B,H", [(3, 7), (1, 16), (5, 33)])  # vector tails, one lane
-def test_lstm_loops_match_torchscript(B, H):
+@pytest.mark.parametrize("whole_window", WHOLE_WINDOW)
+@pytest.mark.parametrize("B,H", [(3, 7), (1, 16), (5, 33)])
+def test_lstm_loops_match_torchscript(B, H, whole_window):
     torch.manual_seed(B * H)
     T = 6
     xw, h0, c0 = torch.randn(T, B, 4 * H) * 2, torch.randn(B, H), torch.randn(B, H)
     W = torch.randn(4 * H, H) * 0.3
     expected = gated_bptt._lstm_forward_loop(xw, h0, c0, W)
-    actual = native_cells.lstm_forward_loop(xw, h0, c0, W)
+    actual = native_cells.lstm_forward_loop(xw, h0, c0, W, whole_window)
     for a, e in zip(actual, expected):
         assert_close(a, e)
     dhs, dc = torch.randn(T, B, H), torch.randn(B, H)
     expected = gated_bptt._lstm_backward_loop(dhs, dc.clone(), *expected, W, None)
-    actual = native_cells.lstm_backward_loop(dhs, dc.clone(), *actual, W)
+    actual = native_cells.lstm_backward_loop(dhs, dc.clone(), *actual, W, whole_window)
     for a, e in zip(actual, expected):
         assert_close(a, e, tol=1e-5)
 
 
 @needs_native
+@pytest.mark.parametrize("whole_window", WHOLE_WINDOW)
 @pytest.mark.parametrize("B,H", [(3, 7), (1, 16), (4, 40)])
-def test_gru_loops_match_torchscript(B, H):
+def test_gru_loops_match_torchscript(B, H, whole_window):
     torch.manual_seed(B + H)
     T = 6
     xw, h0 = torch.randn(T, B, 3 * H) * 2, torch.randn(B, H)
     W, b = torch.randn(3 * H, H) * 0.3, torch.randn(3 * H)
     expected = gated_bptt._gru_forward_loop(xw, h0, W, b)
-    actual = native_cells.gru_forward_loop(xw, h0, W, b)
+    actual = native_cells.gru_forward_loop(xw, h0, W, b, whole_window)
     for a, e in zip(actual, expected):
         assert_close(a, e)
     dhs = torch.randn(T, B, H)
     expected = gated_bptt._gru_backward_window(dhs, *expected, W, None)
-    for a, e in zip(native_cells.gru_backward_loop(dhs, *actual, W), expected):
+    for a, e in zip(native_cells.gru_backward_loop(dhs, *actual, W, whole_window), expected):
         assert_close(a, e, tol=1e-5)
+
+
+@needs_windows
+@pytest.mark.parametrize("tanh", [True, False])
+@pytest.mark.parametrize("B,H", [(3, 7), (1, 16), (4, 40)])
+def test_rnn_loops_match_torchscript(B, H, tanh):
+    torch.manual_seed(B * H + tanh)
+    T = 6
+    xw, h0, W = torch.randn(T, B, H) * 2, torch.randn(B, H), torch.randn(H, H) * 0.3
+    expected = bptt._rnn_forward_loop(xw, h0, W, tanh)
+    actual = native_cells.rnn_forward_loop(xw, h0, W, tanh)
+    assert_close(actual, expected)
+    dhs = torch.randn(T, B, H)
+    assert_close(native_cells.rnn_backward_loop(actual, dhs, W, tanh),
+                 bptt._rnn_backward_loop(expected, dhs, W, tanh, None), tol=1e-5)
+
+
+def test_without_torchs_mkl_the_per_step_loops_run(monkeypatch):
+    """No sgemm to call from C (another BLAS, another OS): the windows are refused with the
+    reason, the gated models fall back to a C call per step and the RNN to TorchScript, and
+    both still compute the same model."""
+    monkeypatch.setattr(native_cells, "BLAS_SYMBOLS", ("no_such_sgemm",))
+    native_cells.forget()
+    try:
+        assert not native_cells.windows_available()
+        assert "no MKL sgemm" in native_cells.window_unavailable_reason()
+        with pytest.raises(native_cells.NativeUnavailable, match="no MKL sgemm"):
+            native_cells.rnn_forward_loop(torch.zeros(2, 1, 3), torch.zeros(1, 3),
+                                          torch.zeros(3, 3), True)
+        c = load_config(None, ["model.kind=rnn_scratch", "model.cell_kernel=c"])
+        if native_cells.available():
+            with pytest.raises(ConfigError, match="c cannot be used here: no MKL sgemm"):
+                check_cell_kernel(c, torch.device("cpu"))
+        for kind in ("rnn_scratch", "gru_scratch", "lstm_scratch"):
+            _assert_kernels_agree(kind)
+    finally:
+        native_cells.forget()
 
 
 @needs_native
@@ -75,10 +122,25 @@ def test_gate_functions_over_their_whole_range():
 
 
 @needs_native
-@pytest.mark.parametrize("kind", ["lstm_scratch", "gru_scratch"])
-def test_model_gradients_match_tensor_ops(kind):
+@pytest.mark.parametrize("kind", ["rnn_scratch", "lstm_scratch", "gru_scratch"])
+def test_model_gradients_match_tensor_ops(kind, monkeypatch):
     """The same float32 model, C kernels against tensor ops: loss, next state and every
-    parameter's gradient agree to float32 rounding (two layers, carried state)."""
+    parameter's gradient agree to float32 rounding (two layers, carried state); the C side
+    did run its loops, forward and backward."""
+    cell = kind.split("_")[0]
+    if cell == "rnn" and not native_cells.windows_available():
+        pytest.skip("the scratch RNN's C loop needs torch's MKL")
+    calls = []
+    for way in ("forward", "backward"):
+        name = f"{cell}_{way}_loop"
+        original = getattr(native_cells, name)
+        monkeypatch.setattr(native_cells, name,
+                            lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    _assert_kernels_agree(kind)
+    assert sorted(set(calls)) == [f"{cell}_backward_loop", f"{cell}_forward_loop"]
+
+
+def _assert_kernels_agree(kind: str):
     models = {}
     for kernel in ("c", "torch"):
         cfg = load_config(None, [f"model.kind={kind}", "model.hidden_size=24",
@@ -129,9 +191,9 @@ def test_a_c_checkpoint_evaluates_in_float64():
 @pytest.fixture
 def no_compiler(monkeypatch):
     monkeypatch.setattr(native_cells, "find_compiler", lambda: None)
-    native_cells._load.cache_clear()
+    native_cells.forget()
     yield
-    native_cells._load.cache_clear()
+    native_cells.forget()
 
 
 def test_without_a_compiler_auto_falls_back_and_c_is_refused(no_compiler, capsys):
@@ -156,14 +218,15 @@ def test_a_failing_build_is_reported(monkeypatch, tmp_path):
     bad = tmp_path / "cells.c"
     bad.write_text("this is not C\n")
     monkeypatch.setattr(native_cells, "SOURCE", bad)
-    native_cells._load.cache_clear()
+    native_cells.forget()
     try:
         if native_cells.find_compiler() is None:
             pytest.skip("no C compiler here")
         assert native_cells.unavailable_reason().startswith("building cells.c failed")
+        assert not native_cells.windows_available()
         assert not list(tmp_path.glob("*.so"))
     finally:
-        native_cells._load.cache_clear()
+        native_cells.forget()
 
 
 def test_c_on_a_gpu_is_refused():
@@ -173,8 +236,8 @@ def test_c_on_a_gpu_is_refused():
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (["model.kind=rnn_scratch", "model.cell_kernel=c"], "gru_scratch and lstm_scratch only"),
-    (["model.kind=lstm", "model.cell_kernel=torch"], "gru_scratch and lstm_scratch only"),
+    (["model.kind=rnn", "model.cell_kernel=c"], "the scratch kinds only"),
+    (["model.kind=lstm", "model.cell_kernel=torch"], "the scratch kinds only"),
     (["model.kind=lstm_scratch", "model.cell_kernel=c", "model.backward=autograd"],
      "hand-written fp32 backward"),
     (["model.kind=gru_scratch", "model.cell_kernel=c", "train.truncation=randomized"],

@@ -59,7 +59,8 @@ def lstm_cell(xw_t, state, w_hh, b_hh):
 # is additive there); the GRU keeps it apart because its reset gate multiplies W_hn h + b_hn.
 def rnn_window(layer, x, state, xi=None, activation="tanh"):
     xw = layer.project_input(x, layer.bias_ih + layer.bias_hh)
-    hs = manual_rnn_window(xw, state[0], layer.recurrent_weight(), activation, xi)
+    hs = manual_rnn_window(xw, state[0], layer.recurrent_weight(), activation, xi,
+                           layer.cell_kernel)
     return hs, (hs[-1],)
 
 
