@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from rnnlm import native_cells
 from rnnlm.config import ConfigError, load_config
 from rnnlm.data import load_corpus
 from rnnlm.models import build_model
@@ -78,7 +79,8 @@ def _batch_matmuls(h: torch.Tensor, w_f: torch.Tensor, w_b: torch.Tensor, dgates
                    steps: int) -> list[torch.Tensor]:
     """The matmuls of one training batch, run like the training loops (TorchScript, GIL
     released), so the roofline is not lowered by Python overhead the trainer does not pay.
-    Every product is returned or written to an out= buffer: TorchScript drops unused ones."""
+    Every product is returned or written to an out= buffer: TorchScript drops unused ones.
+    steps=0 leaves out the per-step recurrent products (_batch_matmuls_c runs them in C)."""
     kept: list[torch.Tensor] = []
     for k in range(layers):
         inputs = x_in if k == 0 else window_h
@@ -97,13 +99,26 @@ def _batch_matmuls(h: torch.Tensor, w_f: torch.Tensor, w_b: torch.Tensor, dgates
     return kept
 
 
+def _batch_matmuls_c(h, w_f, w_b, dgates, window_h, window_g, x_in, w_in, w_out, d_out, out_f,
+                     out_b, layers, steps):
+    """_batch_matmuls with the recurrent products the way the C window loops compute them
+    (forward weights packed once per window: faster than torch.mm at some shapes)."""
+    kept = _batch_matmuls(h, w_f, w_b, dgates, window_h, window_g, x_in, w_in, w_out, d_out,
+                          out_f, out_b, layers, 0)
+    for _ in range(layers):  # w_b (G*H, H) has W_hh's layout
+        native_cells.recurrent_products(h, w_b, out_f, dgates, out_b, steps)
+    return kept
+
+
 def matmul_roofline(kind: str, hidden: int, layers: int, vocab: int, batch: int, steps: int,
                     shards: int = 1, reps: int = 20) -> float:
     """GFLOP/s of exactly the matmuls one training batch needs, at the model's own shapes, each
     in its fastest layout: the per-step recurrent products (B, H) @ (H, G*H) forward and
     (B, G*H) @ (G*H, H) backward, and the window-wide input, output and weight-gradient GEMMs.
     shards > 1 measures the layout of train.batch_shards: each shard's lanes on its own thread
-    with one intra-op thread each, all running at once."""
+    with one intra-op thread each, all running at once. The recurrent products are timed both
+    through torch.mm and as the C window loops call MKL (native_cells.windows_available()),
+    and the faster way counts."""
     G, H, T, V = gates_of(kind), hidden, steps, vocab
     g = torch.Generator().manual_seed(0)
 
@@ -117,14 +132,18 @@ def matmul_roofline(kind: str, hidden: int, layers: int, vocab: int, batch: int,
 
     lanes = [len(part) for part in torch.arange(batch).tensor_split(shards)]
     per_shard = [operands(n) for n in lanes]
-    if shards == 1:
-        seconds = _median_seconds(lambda: _batch_matmuls(*per_shard[0]), reps)
-    else:
-        pool = shard_pool(shards, threads_per_shard=1)
-        try:
-            seconds = _median_seconds(
-                lambda: list(pool.map(lambda ops: _batch_matmuls(*ops), per_shard)), reps)
-        finally:
+    ways = [_batch_matmuls, *([_batch_matmuls_c] if native_cells.windows_available() else [])]
+    pool = shard_pool(shards, threads_per_shard=1) if shards > 1 else None
+
+    def one_batch(way):
+        if pool is None:
+            return lambda: way(*per_shard[0])
+        return lambda: list(pool.map(lambda ops: way(*ops), per_shard))
+
+    try:
+        seconds = min(_median_seconds(one_batch(way), reps) for way in ways)
+    finally:
+        if pool is not None:
             pool.shutdown()
     flops = flops_per_token(kind, H, layers, V, V) * T * batch
     return flops / seconds / 1e9

@@ -101,10 +101,12 @@ def _load() -> ctypes.CDLL | str:
         function = getattr(lib, name)
         function.argtypes = [ctypes.c_void_p] * buffers + [ctypes.c_int64] * sizes
         function.restype = None
+    lib.recurrent_products.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
+    lib.recurrent_products.restype = None
     lib.set_blas.argtypes = [ctypes.c_void_p] * 4
     lib.packed_size.argtypes = [ctypes.c_int] * 3
     lib.packed_size.restype = ctypes.c_size_t
-    lib.pack_rhs.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3
+    lib.pack_transposed_rhs.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3
     return lib
 
 
@@ -157,12 +159,13 @@ def _ptr(tensor: torch.Tensor) -> int:
     return tensor.data_ptr()
 
 
-def _packed_rhs(W: torch.Tensor, rows: int) -> torch.Tensor:
-    """W (k, n), contiguous, in MKL's packed layout for products with `rows` rows."""
+def _packed_transpose(W: torch.Tensor, rows: int) -> torch.Tensor:
+    """W^T (k, n) for W (n, k) in MKL's packed layout, for products with `rows` rows."""
     lib = window_library()
-    k, n = W.shape
+    W = W.contiguous()
+    n, k = W.shape
     packed = torch.empty(lib.packed_size(rows, k, n), dtype=torch.uint8)
-    lib.pack_rhs(_ptr(W), _ptr(packed), rows, k, n)
+    lib.pack_transposed_rhs(_ptr(W), _ptr(packed), rows, k, n)
     return packed
 
 
@@ -204,7 +207,6 @@ def lstm_forward_loop(xw: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
     whole_window: the loop in C (default where windows_available()) or in Python."""
     T, B, G = xw.shape
     H = G // 4
-    W_t = W_hh.t().contiguous()
     hbuf, cbuf = xw.new_empty((T + 1, B, H)), xw.new_empty((T + 1, B, H))
     # The pre-activations start as xw, copied once; each step adds h W_hh^T in place (no
     # per-step copy of its xw slice) and the kernel turns them into gate activations.
@@ -212,10 +214,11 @@ def lstm_forward_loop(xw: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
     hbuf[0].copy_(h0)
     cbuf[0].copy_(c0)
     if windows_available() if whole_window is None else whole_window:
-        packed = _packed_rhs(W_t, B)  # referenced here: it must outlive the call
+        packed = _packed_transpose(W_hh, B)  # referenced here: it must outlive the call
         window_library().lstm_forward_window(_ptr(packed), _ptr(acts), _ptr(hbuf),
-                                      _ptr(cbuf), _ptr(tanh_c), T, B, H)
+                                             _ptr(cbuf), _ptr(tanh_c), T, B, H)
         return hbuf, cbuf, acts, tanh_c
+    W_t = W_hh.t().contiguous()
     step = library().lstm_forward_step
     hs, gates = hbuf.unbind(0), acts.unbind(0)
     a, c, tc, h = (x.data_ptr() for x in (acts, cbuf, tanh_c, hbuf))
@@ -237,9 +240,8 @@ def lstm_backward_loop(dhs: torch.Tensor, dc: torch.Tensor, hbuf: torch.Tensor,
     dh = dhs.clone(memory_format=torch.contiguous_format)  # dhs_t, then += dgates_{t+1} W_hh
     if windows_available() if whole_window is None else whole_window:
         W_hh = W_hh.contiguous()
-        window_library().lstm_backward_window(_ptr(W_hh), _ptr(dh), _ptr(dc),
-                                       _ptr(acts), _ptr(cbuf), _ptr(tanh_c), _ptr(dgates),
-                                       T, B, H)
+        window_library().lstm_backward_window(_ptr(W_hh), _ptr(dh), _ptr(dc), _ptr(acts),
+                                              _ptr(cbuf), _ptr(tanh_c), _ptr(dgates), T, B, H)
         return dgates, dc
     step = library().lstm_backward_step
     dgs, dh_l = dgates.unbind(0), dh.unbind(0)
@@ -259,16 +261,16 @@ def gru_forward_loop(xw: torch.Tensor, h0: torch.Tensor, W_hh: torch.Tensor,
     T, B, G = xw.shape
     H = G // 3
     xw = xw.contiguous()
-    W_t = W_hh.t().contiguous()
     hbuf, gh = xw.new_empty((T + 1, B, H)), xw.new_empty((T, B, G))
     rz, n = xw.new_empty((T, B, 2 * H)), xw.new_empty((T, B, H))
     hbuf[0].copy_(h0)
     gh.copy_(b_hh)  # every step's b_hh at once; the steps add h W_hh^T in place
     if windows_available() if whole_window is None else whole_window:
-        packed = _packed_rhs(W_t, B)
-        window_library().gru_forward_window(_ptr(packed), _ptr(xw), _ptr(gh),
-                                     _ptr(hbuf), _ptr(rz), _ptr(n), T, B, H)
+        packed = _packed_transpose(W_hh, B)
+        window_library().gru_forward_window(_ptr(packed), _ptr(xw), _ptr(gh), _ptr(hbuf),
+                                            _ptr(rz), _ptr(n), T, B, H)
         return hbuf, gh, rz, n
+    W_t = W_hh.t().contiguous()
     step = library().gru_forward_step
     hs, ghs = hbuf.unbind(0), gh.unbind(0)
     x, g, h, r, nn_ = (t.data_ptr() for t in (xw, gh, hbuf, rz, n))
@@ -291,7 +293,8 @@ def gru_backward_loop(dhs: torch.Tensor, hbuf: torch.Tensor, gh: torch.Tensor,
     if windows_available() if whole_window is None else whole_window:
         W_hh = W_hh.contiguous()
         window_library().gru_backward_window(_ptr(W_hh), _ptr(dh_all), _ptr(rz), _ptr(n),
-                                      _ptr(gh), _ptr(hbuf), _ptr(dgh), _ptr(dxw), T, B, H)
+                                             _ptr(gh), _ptr(hbuf), _ptr(dgh), _ptr(dxw), T, B,
+                                             H)
         return dxw, dgh, dh_all
     step = library().gru_backward_step
     dghs, dh_l = dgh.unbind(0), dh_all.unbind(0)
@@ -316,7 +319,7 @@ def rnn_forward_loop(xw: torch.Tensor, h0: torch.Tensor, W_hh: torch.Tensor,
     buf = xw.new_empty((T + 1, B, H))
     buf[0].copy_(h0)
     buf[1:].copy_(xw)  # row t+1 starts as xw_t and becomes h_t
-    packed = _packed_rhs(W_hh.t().contiguous(), B)
+    packed = _packed_transpose(W_hh, B)
     window_library().rnn_forward_window(_ptr(packed), _ptr(buf), T, B, H, int(tanh))
     return buf
 
@@ -329,3 +332,15 @@ def rnn_backward_loop(buf: torch.Tensor, dhs: torch.Tensor, W_hh: torch.Tensor,
     W_hh, buf = W_hh.contiguous(), buf.contiguous()
     window_library().rnn_backward_window(_ptr(W_hh), _ptr(dA), _ptr(buf[1]), T, B, H, int(tanh))
     return dA
+
+
+def recurrent_products(h: torch.Tensor, W_hh: torch.Tensor, out_f: torch.Tensor,
+                       dgates: torch.Tensor, out_b: torch.Tensor, steps: int) -> None:
+    """`steps` times out_f += h @ W_hh^T and out_b += dgates @ W_hh, as the window loops
+    compute them (W_hh (G, H) packed once, transposed): the benchmark's roofline (bench.py)."""
+    B, H = h.shape
+    G = W_hh.shape[0]
+    W_hh = W_hh.contiguous()
+    packed = _packed_transpose(W_hh, B)
+    window_library().recurrent_products(_ptr(packed), _ptr(h), _ptr(out_f), _ptr(W_hh),
+                                        _ptr(dgates), _ptr(out_b), steps, B, H, G)

@@ -248,3 +248,16 @@ def test_c_on_a_gpu_is_refused():
 def test_config_refuses_what_the_c_kernel_cannot_do(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
+
+
+@needs_windows
+def test_the_roofline_products_are_the_loops_products():
+    """bench.py's roofline times the recurrent products as the window loops compute them:
+    `steps` accumulations of h W_hh^T (packed) and dgates W_hh."""
+    torch.manual_seed(0)
+    B, H, G, steps = 3, 8, 32, 4
+    h, W, dgates = torch.randn(B, H), torch.randn(G, H), torch.randn(B, G)
+    out_f, out_b = torch.zeros(B, G), torch.zeros(B, H)
+    native_cells.recurrent_products(h, W, out_f, dgates, out_b, steps)
+    assert_close(out_f, steps * (h @ W.t()), tol=1e-5)
+    assert_close(out_b, steps * (dgates @ W), tol=1e-5)

@@ -205,7 +205,7 @@ typedef void (*pack_fn)(int, int, int, int, int, int, float, const float *, int,
 typedef void (*compute_fn)(int, int, int, int, int, int, const float *, int, const float *,
                            int, float, float *, int);
 
-enum { ROW_MAJOR = 101, NO_TRANS = 111, B_MATRIX = 162, PACKED = 151 };
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, B_MATRIX = 162, PACKED = 151 };
 
 static sgemm_fn blas_sgemm;
 static pack_size_fn blas_pack_size;
@@ -230,9 +230,11 @@ static void gemm_add(const float *A, const float *W, float *C, int rows, int k, 
 /* Bytes of the packed form of a (k, n) right-hand side for products with `rows` rows. */
 size_t packed_size(int rows, int k, int n) { return blas_pack_size(B_MATRIX, rows, n, k); }
 
-void pack_rhs(const float *W, float *dest, int rows, int k, int n)
+/* Packs W^T (k, n) from W (n, k) row-major: the recurrent weights W_hh as stored (the packing
+ * reads them transposed, which saves a transposed copy per window). */
+void pack_transposed_rhs(const float *W, float *dest, int rows, int k, int n)
 {
-    blas_pack(ROW_MAJOR, B_MATRIX, NO_TRANS, rows, n, k, 1.0f, W, n, dest);
+    blas_pack(ROW_MAJOR, B_MATRIX, TRANS, rows, n, k, 1.0f, W, k, dest);
 }
 
 /* C (rows, n) += A (rows, k) @ packed W (k, n). */
@@ -335,4 +337,17 @@ void rnn_backward_window(const float *W_hh, float *dA, const float *hs, int64_t 
                 d[j] *= 1.0f - h[j] * h[j];
         }
     }
+}
+
+/* For the benchmark's matmul roofline (rnnlm/bench.py): the recurrent products of one window
+ * the way the window loops above compute them, `steps` forward (B, H) @ packed (H, G) and
+ * `steps` backward (B, G) @ (G, H), without the cells. */
+void recurrent_products(const float *W_t_packed, const float *h, float *out_f, const float *W_b,
+                        const float *dgates, float *out_b, int64_t steps, int64_t B, int64_t H,
+                        int64_t G)
+{
+    for (int64_t t = 0; t < steps; ++t)
+        packed_gemm_add(h, W_t_packed, out_f, (int)B, (int)H, (int)G);
+    for (int64_t t = 0; t < steps; ++t)
+        gemm_add(dgates, W_b, out_b, (int)B, (int)G, (int)H);
 }
