@@ -77,7 +77,7 @@ def _batch_matmuls(h: torch.Tensor, w_f: torch.Tensor, w_b: torch.Tensor, dgates
                    w_in: torch.Tensor, w_out: torch.Tensor, d_out: torch.Tensor,
                    out_f: torch.Tensor, out_b: torch.Tensor, layers: int,
                    steps: int) -> list[torch.Tensor]:
-    """The matmuls of one training batch, run like the training loops (TorchScript, GIL
+    """The matmuls of one training batch, run without Python between them (TorchScript, GIL
     released), so the roofline is not lowered by Python overhead the trainer does not pay.
     Every product is returned or written to an out= buffer: TorchScript drops unused ones.
     steps=0 leaves out the per-step recurrent products (_batch_matmuls_c runs them in C)."""
@@ -128,7 +128,7 @@ def matmul_roofline(kind: str, hidden: int, layers: int, vocab: int, batch: int,
     def operands(B):
         return (rand(B, H), rand(H, G * H), rand(G * H, H), rand(B, G * H), rand(T * B, H),
                 rand(T * B, G * H), rand(T * B, vocab), rand(vocab, G * H), rand(H, V),
-                rand(T * B, V), torch.empty(B, G * H), torch.empty(B, H), layers, T)
+                rand(T * B, V), torch.zeros(B, G * H), torch.zeros(B, H), layers, T)
 
     lanes = [len(part) for part in torch.arange(batch).tensor_split(shards)]
     per_shard = [operands(n) for n in lanes]

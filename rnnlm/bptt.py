@@ -17,7 +17,9 @@ randomized-truncation multipliers of Tallec & Ollivier (2017) otherwise: xi_t = 
 probability pi, else 0, which keeps the gradient unbiased while cutting it at random depths.
 
 Holds:
-* ``ManualRNNWindow`` / ``manual_rnn_window``: the hand-written forward + backward (fast path);
+* ``ManualRNNWindow`` / ``manual_rnn_window``: the hand-written forward + backward (fast path;
+  in float32 on a CPU its loops run in C where native_cells.windows_available(), else the
+  TorchScript loops below);
 * ``autograd_rnn_window``: the same computation step by step with autograd (reference);
 * ``scale_grad``: identity forward, gradient times a factor backward (randomized truncation
   for step-by-step models);

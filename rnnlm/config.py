@@ -54,10 +54,12 @@ class ModelConfig:
     # "auto" is manual for the scratch kinds; torch.nn kinds always use their own backward.
     backward: Literal["auto", "manual", "autograd"] = "auto"
     activation: Literal["tanh", "identity"] = "tanh"  # identity: D2L 8.7's linear RNN
-    # Scratch GRU/LSTM with the hand-written backward, float32 on a CPU: "c" does each time
-    # step's elementwise work in one C call (native_cells.py, built with the system's C
-    # compiler on first use), "torch" in tensor ops (TorchScript); "auto" is c where it can be
-    # built and used, else torch; "c" refuses to train where it cannot be used.
+    # Scratch models with the hand-written backward, float32 on a CPU: "c" runs each window's
+    # step loop in C, calling PyTorch's MKL for the recurrent matmuls, or, without those
+    # symbols, each GRU/LSTM step's elementwise work in one C call (native_cells.py, built
+    # with the system's C compiler on first use); "torch" uses tensor ops (TorchScript);
+    # "auto" is c where it can be built and used, else torch; "c" refuses to train where it
+    # cannot be used.
     cell_kernel: Literal["auto", "c", "torch"] = "auto"
     input_dropout: float = 0.0  # on the embeddings (needs embedding_dim)
     output_dropout: float = 0.0  # on the last layer's outputs, before the output layer

@@ -11,9 +11,9 @@ makes it fast on a CPU, where each step's matmul is small:
   W_hh (a transposed view is ~1.7x slower on MKL at these shapes);
 * dW_hh is one (G*H, T*B) @ (T*B, H) GEMM for the window, not T small ones.
 
-On a CPU in float32 the elementwise part of each step can run as one C call instead of
-several tensor ops (native_cells.py, model.cell_kernel); the TorchScript loops here are the
-reference and the fallback.
+On a CPU in float32 the loops run in C instead (native_cells.py, model.cell_kernel): the whole
+window with MKL's GEMM called from C where PyTorch's MKL can be reached, else one C call for
+each step's elementwise part; the TorchScript loops here are the reference and the fallback.
 
 Weights use torch.nn's layout and equations (GRU gates r|z|n with the reset gate applied to
 W_hn h + b_hn; LSTM gates i|f|g|o), so results equal nn.GRU / nn.LSTM to rounding.

@@ -1,7 +1,7 @@
 """RNN, LSTM and GRU window loops in C: each step's elementwise work in one call, and, where
 PyTorch's MKL can be reached, the whole loop with its recurrent matmuls.
 
-`rnnlm/native/cells.c` fuses what a step does besides its recurrent matmul (gate
+`rnnlm/native/cells.c` fuses what a gated step does besides its recurrent matmul (gate
 nonlinearities, state update, gate derivatives) into one pass over memory. It is compiled on
 first use with the system's C compiler (`cc`, well under a second) into a cache folder
 (RNNLM_NATIVE_CACHE, default ~/.cache/rnnlm/native), keyed by the source, the flags and the
@@ -42,10 +42,12 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("native") / "cells.c"
-FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno",
-         # x86: let the loops use 512-bit vectors where the CPU has them (GCC and Clang
-         # default to 256 bits); the LSTM forward step measured 23 -> 17 us at 16 x 256
-         *(("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ()))
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno")
+# Tried first, dropped if the compiler refuses them. x86: let the loops use 512-bit vectors
+# where the CPU has them (GCC and Clang default to 256 bits); the LSTM forward step measured
+# 23 -> 17 us at 16 x 256.
+OPTIONAL_FLAGS = ("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") \
+    else ()
 _F32 = 4  # bytes per float32
 
 
@@ -62,6 +64,25 @@ def find_compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
+def _build(compiler: str, flags: tuple[str, ...], target: Path) -> str | None:
+    """Compile SOURCE into target; None, or why it failed (one line)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename: parallel processes never load half a file.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        result = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            os.unlink(tmp)
+            first = (result.stderr.strip().splitlines() or ["no message"])[0]
+            return f"building {SOURCE.name} failed: {first}"
+        os.replace(tmp, target)
+    except OSError as e:
+        return f"cannot build {SOURCE.name} in {target.parent}: {e}"
+    return None
+
+
 @functools.cache
 def _load() -> ctypes.CDLL | str:
     """The loaded library, or why there is none (a one-line reason)."""
@@ -69,24 +90,15 @@ def _load() -> ctypes.CDLL | str:
     if compiler is None:
         return "no C compiler found (set CC or install gcc)"
     source = SOURCE.read_bytes()
-    key = hashlib.sha1(source + " ".join((compiler, *FLAGS, platform.machine(),
+    key = hashlib.sha1(source + " ".join((compiler, *FLAGS, *OPTIONAL_FLAGS, platform.machine(),
                                           platform.node())).encode()).hexdigest()[:16]
     target = cache_dir() / f"cells-{key}.so"
     if not target.exists():
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # Build beside the target and rename: parallel processes never load half a file.
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)],
-                                    capture_output=True, text=True)
-            if result.returncode != 0:
-                os.unlink(tmp)
-                first = (result.stderr.strip().splitlines() or ["no message"])[0]
-                return f"building {SOURCE.name} failed: {first}"
-            os.replace(tmp, target)
-        except OSError as e:
-            return f"cannot build {SOURCE.name} in {target.parent}: {e}"
+        failure = _build(compiler, (*FLAGS, *OPTIONAL_FLAGS), target)
+        if failure and OPTIONAL_FLAGS:
+            failure = _build(compiler, FLAGS, target)
+        if failure:
+            return failure
     try:
         lib = ctypes.CDLL(str(target))
     except OSError as e:
@@ -116,8 +128,9 @@ BLAS_SYMBOLS = ("sgemm_", "cblas_sgemm_pack_get_size", "cblas_sgemm_pack", "cbla
 
 
 def torch_library() -> Path:
-    suffix = {"Darwin": ".dylib", "Windows": ".dll"}.get(platform.system(), ".so")
-    return Path(torch.__file__).parent / "lib" / f"libtorch_cpu{suffix}"
+    name = {"Darwin": "libtorch_cpu.dylib", "Windows": "torch_cpu.dll"}.get(
+        platform.system(), "libtorch_cpu.so")
+    return Path(torch.__file__).parent / "lib" / name
 
 
 @functools.cache

@@ -95,7 +95,7 @@ class ScratchLayer(nn.Module):
         self.cell = cell
         self.window = window
         self.weight_dropout = 0.0  # set by the model: DropConnect on weight_hh
-        self.cell_kernel = "auto"  # set by the model: model.cell_kernel for gated windows
+        self.cell_kernel = "auto"  # set by the model: model.cell_kernel for manual windows
 
     def project_input(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Input projection of the whole window plus `bias` (default b_ih):

@@ -1,8 +1,10 @@
-/* Fused elementwise steps of the LSTM and GRU cells, float32, row-major, contiguous.
+/* Fused elementwise steps of the LSTM and GRU cells, and whole-window loops of the RNN, GRU
+ * and LSTM (end of file), float32, row-major, contiguous.
  *
  * One call per time step does what otherwise takes four to ten tensor ops (each a pass
  * over memory plus dispatch): the gate nonlinearities, the state update and, in the
- * backward pass, every gate derivative. The recurrent matmul stays in PyTorch (MKL).
+ * backward pass, every gate derivative. The step functions leave the recurrent matmul to
+ * the caller; the window functions call MKL for it themselves.
  *
  * The loops are written so that the compiler vectorises them (-O3, -march=native): no
  * branches inside them, and exp is computed here (range reduction plus a Taylor
@@ -197,6 +199,8 @@ void gru_backward_step(float *dh, const float *dh_next, const float *rz_next, co
  * how sgemm_ (column-major, Fortran) is called.
  * ------------------------------------------------------------------------------------- */
 
+/* MKL's LP64 interface (32-bit ints), the one PyTorch links; the Fortran string-length
+ * arguments of sgemm_ are left out, which MKL allows. */
 typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *,
                          const float *, const float *, const int *, const float *,
                          const int *, const float *, float *, const int *);
