@@ -37,6 +37,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -133,10 +134,18 @@ def torch_library() -> Path:
     return Path(torch.__file__).parent / "lib" / name
 
 
+_SETUP = threading.Lock()  # the first windows may start on two batch-shard threads at once
+
+
 @functools.cache
 def _window_blas() -> bool | str:
     """True when the C window loops can run (the kernels built and torch's MKL found and
     handed to them), else why not."""
+    with _SETUP:
+        return _find_blas()
+
+
+def _find_blas() -> bool | str:
     lib = _load()
     if isinstance(lib, str):
         return lib
