@@ -121,8 +121,7 @@ class ManualRNNWindow(torch.autograd.Function):
         tanh = activation == "tanh"
         # The loop in C (BLAS called from C, native_cells.py) where it can run; it takes the
         # same steps in the same order, so the results agree to float32 rounding.
-        ctx.native = native_cells.usable_for(cell_kernel, xw, xi) and \
-            native_cells.windows_available()
+        ctx.native = native_cells.usable_for(cell_kernel, xw, xi, whole_windows=True)
         loop = native_cells.rnn_forward_loop if ctx.native else _rnn_forward_loop
         buf = loop(xw, h0, W_hh, tanh)
         ctx.tanh = tanh

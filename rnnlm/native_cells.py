@@ -208,19 +208,29 @@ def library() -> ctypes.CDLL:
     return lib
 
 
-def unavailable_reason() -> str | None:
+def unavailable_reason(whole_windows: bool = False) -> str | None:
+    """Why the C kernels cannot run here (None: they can). whole_windows: the caller has
+    only the whole-window loops (the scratch RNN, which has no per-step kernel)."""
     lib = _load()
-    return lib if isinstance(lib, str) else None
+    if isinstance(lib, str):
+        return lib
+    return window_unavailable_reason() if whole_windows else None
 
 
-def usable_for(kernel: str, like: torch.Tensor, xi) -> bool:
+def usable_for(kernel: str, like: torch.Tensor, xi, whole_windows: bool = False) -> bool:
     """Whether a window with this model.cell_kernel setting runs the C loops: float32 on a
-    CPU without randomized truncation, where the library could be built. "c" differs from
-    "auto" before training, not here: the trainer refuses a "c" run whose windows could not
-    use it (trainer.check_cell_kernel, config.validate); evaluation or sampling elsewhere (a
+    CPU without randomized truncation, where the library could be built (and, with
+    whole_windows, where the window loops can run). "c" differs from "auto" before training,
+    not here: the trainer refuses a "c" run whose windows could not use it
+    (trainer.check_cell_kernel, config.validate); evaluation or sampling elsewhere (a
     checkpoint sampled on a GPU) runs the tensor ops."""
     fits = like.device.type == "cpu" and like.dtype == torch.float32 and xi is None
-    return kernel != "torch" and fits and available()
+    return kernel != "torch" and fits and unavailable_reason(whole_windows) is None
+
+
+def _whole(whole_window: bool | None) -> bool:
+    """A loop's whole_window argument: None means wherever windows_available()."""
+    return windows_available() if whole_window is None else whole_window
 
 
 def lstm_forward_loop(xw: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
@@ -235,7 +245,7 @@ def lstm_forward_loop(xw: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
     acts, tanh_c = xw.clone(memory_format=torch.contiguous_format), xw.new_empty((T, B, H))
     hbuf[0].copy_(h0)
     cbuf[0].copy_(c0)
-    if windows_available() if whole_window is None else whole_window:
+    if _whole(whole_window):
         packed = _packed_transpose(W_hh, B)  # referenced here: it must outlive the call
         window_library().lstm_forward_window(_ptr(packed), _ptr(acts), _ptr(hbuf),
                                              _ptr(cbuf), _ptr(tanh_c), T, B, H)
@@ -260,7 +270,7 @@ def lstm_backward_loop(dhs: torch.Tensor, dc: torch.Tensor, hbuf: torch.Tensor,
     dc = dc.contiguous()
     dgates = torch.empty_like(acts)
     dh = dhs.clone(memory_format=torch.contiguous_format)  # dhs_t, then += dgates_{t+1} W_hh
-    if windows_available() if whole_window is None else whole_window:
+    if _whole(whole_window):
         W_hh = W_hh.contiguous()
         window_library().lstm_backward_window(_ptr(W_hh), _ptr(dh), _ptr(dc), _ptr(acts),
                                               _ptr(cbuf), _ptr(tanh_c), _ptr(dgates), T, B, H)
@@ -287,7 +297,7 @@ def gru_forward_loop(xw: torch.Tensor, h0: torch.Tensor, W_hh: torch.Tensor,
     rz, n = xw.new_empty((T, B, 2 * H)), xw.new_empty((T, B, H))
     hbuf[0].copy_(h0)
     gh.copy_(b_hh)  # every step's b_hh at once; the steps add h W_hh^T in place
-    if windows_available() if whole_window is None else whole_window:
+    if _whole(whole_window):
         packed = _packed_transpose(W_hh, B)
         window_library().gru_forward_window(_ptr(packed), _ptr(xw), _ptr(gh), _ptr(hbuf),
                                             _ptr(rz), _ptr(n), T, B, H)
@@ -312,7 +322,7 @@ def gru_backward_loop(dhs: torch.Tensor, hbuf: torch.Tensor, gh: torch.Tensor,
     T, B, H = dhs.shape
     dxw, dgh = hbuf.new_empty((T, B, 3 * H)), hbuf.new_empty((T, B, 3 * H))
     dh_all = dhs.clone(memory_format=torch.contiguous_format)  # dhs_t, then the rest added
-    if windows_available() if whole_window is None else whole_window:
+    if _whole(whole_window):
         W_hh = W_hh.contiguous()
         window_library().gru_backward_window(_ptr(W_hh), _ptr(dh_all), _ptr(rz), _ptr(n),
                                              _ptr(gh), _ptr(hbuf), _ptr(dgh), _ptr(dxw), T, B,

@@ -330,10 +330,9 @@ def check_cell_kernel(cfg: Config, device: torch.device) -> None:
     if kernel == "c" and device.type != "cpu":
         raise ConfigError(f"model.cell_kernel: c runs on the CPU, this run is on {device.type}: "
                           "use model.cell_kernel=auto")
-    reason = None
-    if device.type == "cpu":  # the scratch RNN has only the whole-window C loop
-        reason = native_cells.unavailable_reason() or (
-            native_cells.window_unavailable_reason() if cfg.model.kind == "rnn_scratch" else None)
+    # the scratch RNN has only the whole-window C loop
+    reason = native_cells.unavailable_reason(whole_windows=cfg.model.kind == "rnn_scratch") \
+        if device.type == "cpu" else None
     if reason and kernel == "c":
         raise ConfigError(f"model.cell_kernel: c cannot be used here: {reason}; use "
                           "model.cell_kernel=auto (tensor ops)")

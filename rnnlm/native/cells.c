@@ -194,7 +194,7 @@ void gru_backward_step(float *dh, const float *dh_next, const float *rz_next, co
  * h_{t-1} W^T reuses one weight matrix for all T steps, so it is packed once per window into
  * MKL's internal layout (cblas_sgemm_pack / _compute): measured 1.3-1.4x faster than plain
  * sgemm for the LSTM's (B, 256) x (256, 1024) steps, level for the smaller ones. The
- * backward product dgates W stays plain sgemm, which measured as fast or faster packed.
+ * backward product dgates W stays plain sgemm, which measured as fast as packed or faster.
  * Everything is row-major; a row-major C = A B is the column-major C^T = B^T A^T, which is
  * how sgemm_ (column-major, Fortran) is called.
  * ------------------------------------------------------------------------------------- */
