@@ -1,8 +1,7 @@
 """Benchmark the book presets against the D2L reference: python bench.py [--help]."""
 
-import sys
-
 from rnnlm.bench import main
+from rnnlm.cli import run_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -280,6 +280,19 @@ def fmt(x, spec=",.0f", missing="n/a", suffix=""):
     return missing if x is None else format(x, spec) + suffix
 
 
+def check_counts(args) -> None:
+    """The epoch and round counts, before minutes of training: speeds are taken over the
+    epochs after the warm-up, so there must be some."""
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.epochs <= args.warmup:
+        raise ConfigError(f"--epochs {args.epochs} leaves no epoch after the {args.warmup} "
+                          f"warm-up epochs to measure: give --epochs > --warmup")
+    if args.rounds < 0 or args.round_epochs < 1 or args.gen_chars < 0:
+        raise ConfigError(f"--rounds must be >= 0, --round-epochs >= 1 and --gen-chars >= 0; "
+                          f"got {args.rounds}, {args.round_epochs} and {args.gen_chars}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -301,6 +314,7 @@ def main(argv=None) -> int:
     parser.add_argument("--write", default=str(ROOT / "docs" / "benchmarks.md"),
                         help="markdown file for the table ('' to skip)")
     args = parser.parse_args(argv)
+    check_counts(args)
 
     rows = []
     use_reference = not args.no_reference and args.device == "cpu"

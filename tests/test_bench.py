@@ -2,11 +2,14 @@
 
 import json
 import stat
+import subprocess
+import sys
 
 import pytest
 
 from rnnlm import bench
 from rnnlm.config import ConfigError
+from tests.conftest import ROOT
 
 
 def test_paired_speeds_runs_the_trainers_in_turns(monkeypatch, tmp_path):
@@ -80,3 +83,18 @@ def test_a_variant_that_does_not_apply_to_a_preset_is_left_out(capsys):
     assert "variant model.cell_kernel=torch left out" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="model.cell_kernel"):  # the preset itself must load
         bench.applicable_settings("lstm", [""], lambda s: ["model.cell_kernel=torch"])
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--epochs", "2"], "no epoch after the 2 warm-up"),
+    (["--epochs", "3", "--warmup", "-1"], "--warmup must be >= 0"),
+    (["--epochs", "3", "--round-epochs", "0"], "--round-epochs >= 1"),
+])
+def test_counts_that_leave_nothing_to_measure_are_one_line_errors(args, match):
+    """Checked before any training (the long run of 2 epochs after 2 warm-up ones used to end
+    in a traceback from an empty median); run through the real script: exit 2, one line."""
+    result = subprocess.run([sys.executable, "bench.py", "--no-reference", "--write", "",
+                             *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and match in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
