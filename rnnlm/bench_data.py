@@ -153,7 +153,7 @@ def baseline_rss() -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=float, default=100.0)
-    parser.add_argument("--preprocess", choices=["d2l", "raw"], default="d2l")
+    parser.add_argument("--preprocess", choices=["d2l", "d2l_spaced", "raw"], default="d2l")
     parser.add_argument("--model", default="lstm", help="model.kind for the training pass")
     parser.add_argument("--data-dir", default="data", help="where the Time Machine is looked up")
     args = parser.parse_args(argv)

@@ -5,7 +5,7 @@ dicts, never a pickled class. It holds everything that rebuilds and resumes a ru
 
     format, format_version      what this file is (refused when unknown or newer)
     config                      the resolved config tree (Config.to_dict())
-    vocab                       {"tokens": [...], "preprocess": "d2l" | "raw"}
+    vocab                       {"tokens": [...], "preprocess": "d2l" | "d2l_spaced" | "raw"}
     model, optimizer            state_dicts
     progress                    completed epochs, global step, wall time, and, when stopped
                                 inside an epoch, the batch index, the carried hidden state

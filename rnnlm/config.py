@@ -29,7 +29,9 @@ class DataConfig:
     # or a folder of .txt files (read in sorted order, see rnnlm/sources.py)
     path: str | None = None
     data_dir: str = "data"  # where the Time Machine and the token cache (data_dir/cache) live
-    preprocess: Literal["d2l", "raw"] = "d2l"
+    # d2l: D2L 0.17, the book's chapter 8 (each line cleaned, lines joined with no separator);
+    # d2l_spaced: D2L 1.0 (line breaks become spaces too); raw: the text as it is
+    preprocess: Literal["d2l", "d2l_spaced", "raw"] = "d2l"
     encoding_errors: Literal["strict", "replace"] = "strict"  # invalid UTF-8: error or U+FFFD
     cache: bool = True  # keep token ids in data_dir/cache, memory-mapped by later runs
     max_tokens: int | None = 10000  # D2L's default; None keeps the whole corpus

@@ -33,6 +33,7 @@ from rnnlm.tokens import (
     lookup_table,
     raw_code_points,
     read_entry,
+    spaced_code_points,
     write_entry,
 )
 
@@ -104,7 +105,15 @@ def preprocess_d2l(text: str) -> str:
     return text.strip().lower()
 
 
-PREPROCESSORS = {"d2l": preprocess_d2l, "raw": lambda text: text}
+def preprocess_d2l_spaced(text: str) -> str:
+    """D2L 1.0's `TimeMachine._preprocess`: every run of non-letters, line breaks included,
+    becomes one space, then lowercase. Unlike `d2l` (D2L 0.17), the words at the two ends of
+    a line stay apart instead of being joined into one."""
+    return re.sub(r"[^A-Za-z]+", " ", text).lower()
+
+
+PREPROCESSORS = {"d2l": preprocess_d2l, "d2l_spaced": preprocess_d2l_spaced,
+                 "raw": lambda text: text}
 
 
 def code_points(text: str) -> np.ndarray:
@@ -186,6 +195,8 @@ def tokenize(text: str, preprocess: str) -> tuple[np.ndarray, Vocab]:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if preprocess == "d2l":
         cps = d2l_code_points(text.encode("utf-8"))
+    elif preprocess == "d2l_spaced":
+        cps = spaced_code_points(text.encode("utf-8"), after_letter=True)
     else:
         cps = raw_code_points(text)
     counts = CharCounts(track_first=preprocess == "d2l")

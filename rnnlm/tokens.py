@@ -5,7 +5,8 @@ at a few blocks whatever the corpus size: the first pass counts characters (the 
 needs the whole text), the second maps every block to ids and hands them to a sink (a file
 for the cache, or an array). Each block is preprocessed with NumPy, never with a Python loop
 over characters: `d2l` works on the UTF-8 bytes directly (every non-ASCII byte is a
-non-letter, exactly as its code point would be), `raw` on the block's code points.
+non-letter, exactly as its code point would be), and so does `d2l_spaced`; `raw` works on
+the block's code points.
 
 The cache keeps the ids as a flat `uint8`/`uint16`/`uint32` file plus a JSON sidecar (the
 vocabulary, dtype and length), named by a key over the text's content hash, the
@@ -35,17 +36,20 @@ SPACE, NEWLINE = 32, 10
 # ---------------------------------------------------------------------------- one block
 
 
-def _d2l_classes() -> bytes:
-    """A bytes.translate table: ASCII letters -> lowercase, newline kept, all else -> space."""
+def _letter_classes(keep_newline: bool) -> bytes:
+    """A bytes.translate table: ASCII letters -> lowercase, all else -> space (newline kept
+    when asked)."""
     table = bytearray(b" " * 256)
     for c in range(256):
         if chr(c).isascii() and chr(c).isalpha():
             table[c] = ord(chr(c).lower())
-    table[NEWLINE] = NEWLINE
+    if keep_newline:
+        table[NEWLINE] = NEWLINE
     return bytes(table)
 
 
-D2L_CLASSES = _d2l_classes()
+D2L_CLASSES = _letter_classes(keep_newline=True)
+SPACED_CLASSES = _letter_classes(keep_newline=False)
 DROP = b"\x00"
 
 
@@ -74,6 +78,22 @@ def d2l_code_points(block: bytes) -> np.ndarray:
     return _keep(chars, keep)  # line breaks go: lines join without a separator
 
 
+def spaced_code_points(block: bytes, after_letter: bool) -> np.ndarray:
+    """D2L 1.0's preprocessing (`TimeMachine._preprocess`) on a block of whole lines: every
+    run of non-letters, line breaks included, becomes one space; letters are lowercased;
+    nothing is stripped. `after_letter`: the text before this block ended in a letter (True
+    at the start of the text, so a leading run of non-letters gives a space as the regex
+    does); a run that spans two blocks then gives a single space. Returns ASCII uint8.
+    """
+    chars = np.frombuffer(block.translate(SPACED_CLASSES), dtype=np.uint8)  # a-z, space
+    letter = chars > SPACE
+    keep = letter.copy()
+    keep[1:] |= letter[:-1]  # of each run of spaces, the one right after a letter
+    if len(keep):
+        keep[0] |= after_letter
+    return _keep(chars, keep)
+
+
 def raw_code_points(block: str) -> np.ndarray:
     return np.frombuffer(block.encode("utf-32-le"), dtype=np.uint32)
 
@@ -84,6 +104,13 @@ def block_code_points(files: list[Path], preprocess: str, encoding_errors: str,
     if preprocess == "d2l":
         for block in iter_line_blocks(files, encoding_errors, decode=False):
             yield d2l_code_points(block)
+    elif preprocess == "d2l_spaced":
+        after_letter = True
+        for block in iter_line_blocks(files, encoding_errors, decode=False):
+            cps = spaced_code_points(block, after_letter)
+            if len(cps):
+                after_letter = bool(cps[-1] > SPACE)
+            yield cps
     elif preprocess == "raw":
         for block in iter_line_blocks(files, encoding_errors, decode=True):
             yield raw_code_points(block)

@@ -1,13 +1,15 @@
 """Corpora from files and folders: block reading, UTF-8 errors, the byte-level d2l pipeline."""
 
+import functools
 import random
 import re
 
 import numpy as np
 import pytest
 
+import rnnlm.tokens
 from rnnlm.config import DataConfig
-from rnnlm.data import DataError, load_corpus, preprocess_d2l
+from rnnlm.data import PREPROCESSORS, DataError, load_corpus, preprocess_d2l, tokenize
 from rnnlm.sources import iter_line_blocks, list_source_files
 from rnnlm.tokens import block_code_points, d2l_code_points
 
@@ -42,6 +44,24 @@ def test_d2l_on_bytes_equals_the_line_by_line_definition(seed):
     expected = d2l_by_lines(normalised)
     assert preprocess_d2l(normalised) == expected
     assert d2l_code_points(normalised.encode("utf-8")).tobytes().decode("ascii") == expected
+
+
+@pytest.mark.parametrize("block_bytes", [1, 2, 5, 64, 1 << 20])
+@pytest.mark.parametrize("seed", range(3))
+def test_d2l_spaced_equals_d2l_1_0s_definition(tmp_path, monkeypatch, seed, block_bytes):
+    """D2L 1.0: re.sub('[^A-Za-z]+', ' ', text).lower() over the whole text, line breaks
+    included, nothing stripped; also when a run of non-letters spans two line blocks."""
+    rng = random.Random(seed)
+    text = "".join(rng.choice(ALPHABET) for _ in range(3000))
+    text = rng.choice(["", "--\n", "é "]) + text  # leading non-letters give a space
+    path = tmp_path / "a.txt"
+    path.write_bytes(text.encode("utf-8"))
+    expected = re.sub("[^A-Za-z]+", " ", text + "\n").lower()  # the reader ends every line
+    monkeypatch.setattr(rnnlm.tokens, "iter_line_blocks",
+                        functools.partial(iter_line_blocks, block_bytes=block_bytes))
+    assert corpus_text([path], "d2l_spaced") == expected
+    ids, vocab = tokenize(text + "\n", "d2l_spaced")
+    assert vocab.decode(ids) == expected == PREPROCESSORS["d2l_spaced"](text + "\n")
 
 
 @pytest.mark.parametrize("block_bytes", [1, 2, 3, 7, 64, 1 << 20])

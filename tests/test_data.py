@@ -41,6 +41,17 @@ def test_d2l_preprocessing_matches_the_book(data_dir):
     assert corpus.ids.dtype == np.uint8
 
 
+def test_d2l_spaced_is_d2l_1_0s_time_machine(data_dir):
+    """D2L 1.0's TimeMachine: 173,428 characters, the words at line ends kept apart."""
+    corpus = load_corpus(DataConfig(data_dir=str(data_dir), max_tokens=None,
+                                    preprocess="d2l_spaced"))
+    text = (data_dir / "timemachine.txt").read_text()
+    assert len(corpus) == 173_428 and len(corpus.vocab) == 28
+    assert corpus.vocab.decode(corpus.ids) == re.sub("[^A-Za-z]+", " ", text).lower()
+    d2l = load_corpus(DataConfig(data_dir=str(data_dir), max_tokens=None))
+    assert len(corpus) - len(d2l) > 2_000  # one space per joined line break, roughly
+
+
 def test_max_tokens_keeps_the_full_vocabulary(data_dir):
     corpus = load_corpus(DataConfig(data_dir=str(data_dir), max_tokens=10_000))
     assert len(corpus) == 10_000 and len(corpus.vocab) == 28
