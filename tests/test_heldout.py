@@ -199,6 +199,12 @@ def test_heldout_presets():
             assert cfg.model.kind == kind and cfg.data.preprocess == preprocess
             assert cfg.data.split == [0.9, 0.05, 0.05] and cfg.data.max_tokens is None
             assert cfg.out_dir == f"runs/heldout_{kind}{suffix}"
+    # The best measured recipe on each text: D2L 0.17's (d2l) and D2L 1.0's (d2l_spaced)
+    tuned = load_config(ROOT / "configs" / "heldout_lstm_tuned.yaml")
+    spaced = load_config(ROOT / "configs" / "heldout_lstm_spaced.yaml")
+    assert (tuned.data.preprocess, spaced.data.preprocess) == ("d2l", "d2l_spaced")
+    assert spaced.data.split == [0.9, 0.05, 0.05] and spaced.data.max_tokens is None
+    assert spaced.model == tuned.model and spaced.out_dir == "runs/heldout_lstm_spaced"
 
 
 def test_two_processes_evaluate_like_one(data_dir, tmp_path, monkeypatch):
