@@ -196,7 +196,7 @@ def tokenize(text: str, preprocess: str) -> tuple[np.ndarray, Vocab]:
     if preprocess == "d2l":
         cps = d2l_code_points(text.encode("utf-8"))
     elif preprocess == "d2l_spaced":
-        cps = spaced_code_points(text.encode("utf-8"), after_letter=True)
+        cps = spaced_code_points(text.encode("utf-8"), ends_in_space=False)
     else:
         cps = raw_code_points(text)
     counts = CharCounts(track_first=preprocess == "d2l")

@@ -78,19 +78,20 @@ def d2l_code_points(block: bytes) -> np.ndarray:
     return _keep(chars, keep)  # line breaks go: lines join without a separator
 
 
-def spaced_code_points(block: bytes, after_letter: bool) -> np.ndarray:
+def spaced_code_points(block: bytes, ends_in_space: bool) -> np.ndarray:
     """D2L 1.0's preprocessing (`TimeMachine._preprocess`) on a block of whole lines: every
     run of non-letters, line breaks included, becomes one space; letters are lowercased;
-    nothing is stripped. `after_letter`: the text before this block ended in a letter (True
-    at the start of the text, so a leading run of non-letters gives a space as the regex
-    does); a run that spans two blocks then gives a single space. Returns ASCII uint8.
+    nothing is stripped. `ends_in_space`: the output of the blocks before this one ends with
+    a space (False at the start of the text, so a leading run of non-letters gives a space,
+    as the regex does), so a run that spans two blocks gives a single space. Returns ASCII
+    uint8.
     """
     chars = np.frombuffer(block.translate(SPACED_CLASSES), dtype=np.uint8)  # a-z, space
     letter = chars > SPACE
     keep = letter.copy()
     keep[1:] |= letter[:-1]  # of each run of spaces, the one right after a letter
     if len(keep):
-        keep[0] |= after_letter
+        keep[0] |= not ends_in_space
     return _keep(chars, keep)
 
 
@@ -105,11 +106,11 @@ def block_code_points(files: list[Path], preprocess: str, encoding_errors: str,
         for block in iter_line_blocks(files, encoding_errors, decode=False):
             yield d2l_code_points(block)
     elif preprocess == "d2l_spaced":
-        after_letter = True
+        ends_in_space = False
         for block in iter_line_blocks(files, encoding_errors, decode=False):
-            cps = spaced_code_points(block, after_letter)
+            cps = spaced_code_points(block, ends_in_space)
             if len(cps):
-                after_letter = bool(cps[-1] > SPACE)
+                ends_in_space = bool(cps[-1] == SPACE)
             yield cps
     elif preprocess == "raw":
         for block in iter_line_blocks(files, encoding_errors, decode=True):

@@ -3,8 +3,9 @@
 D2L 0.17 cleans each line and concatenates the lines with no separator, so the last word of a
 line runs into the first word of the next (`wells` + `the` -> `wellsthe`), about once every
 60 characters, and nothing left in the text says where a line ended. This scores a `d2l`
-checkpoint on its run's held-out split, one lane with the state carried (as training
-validates), and splits the loss by where the predicted character sits:
+checkpoint on its run's validation (or test) split in one lane with the state carried (as
+training validates with data.eval_lanes: 1), and splits the loss by where the predicted
+character sits:
 
     python scripts/line_joins.py --checkpoint runs/heldout_lstm_tuned/best.pt [--split test]
 
@@ -26,11 +27,12 @@ from rnnlm.cli import run_main  # noqa: E402
 POSITION_BINS = (0, 40, 55, 62, 68, 1_000_000)  # lines of the Time Machine hold ~60 tokens
 
 
-def line_starts(files, total: int):
-    """Token offsets where a line other than the first begins, in the d2l stream."""
+def line_starts(files, total: int, whole: bool):
+    """Token offsets where a line other than the first begins, in the d2l stream of `total`
+    tokens (`whole`: all of the text; else data.max_tokens cut the stream's tail off)."""
     import numpy as np
 
-    from rnnlm.data import preprocess_d2l
+    from rnnlm.data import DataError, preprocess_d2l
 
     starts, offset = [], 0
     for path in files:
@@ -41,8 +43,9 @@ def line_starts(files, total: int):
                     if offset:
                         starts.append(offset)
                     offset += length
-    if offset < total:  # equal, or more when data.max_tokens cut the stream
-        raise ValueError(f"the lines give {offset} tokens, the corpus {total}")
+    if offset < total or (whole and offset != total):
+        raise DataError(f"the lines of the text give {offset} tokens, its token ids {total}: "
+                        f"has the text changed since training?")
     return np.array(starts, dtype=np.int64)
 
 
@@ -80,13 +83,18 @@ def main() -> int:
     log_probs = F.log_softmax(logits[:, 0].double(), dim=-1)
     targets = tokens[1:]
     loss = -log_probs.gather(1, targets[:, None])[:, 0].numpy()
-    space = scored.vocab.index[" "]
+    space = scored.vocab.index.get(" ")
+    if space is None:
+        raise ConfigError(f"{args.checkpoint}'s vocabulary has no space: there are no word "
+                          f"ends to look at")
     p_space = log_probs[:, space].exp().numpy()
 
     # Prediction i predicts stream token first + 1 + i from the tokens before it.
-    starts = line_starts(corpus_files(data), len(corpus.ids))
+    starts = line_starts(corpus_files(data), len(corpus.ids), whole=data.max_tokens is None)
     predicted = np.arange(first + 1, first + len(ids))
     is_join = np.isin(predicted, starts)
+    if not is_join.any():
+        raise ConfigError(f"the {label} has no line joins: nothing to measure")
     is_space = targets.numpy() == space
     after_space = np.r_[ids[0] == space, is_space[:-1]]
     word_start = after_space & ~is_join
@@ -94,7 +102,7 @@ def main() -> int:
     # The line of the token before each prediction, and how many of its tokens come
     # before the predicted one (for a join: the length of the line that just ended).
     line = np.searchsorted(starts, predicted - 1, side="right")
-    begins = np.where(line > 0, starts[np.maximum(line - 1, 0)], 0)
+    begins = np.r_[0, starts][line]
     position = predicted - begins
 
     n = len(loss)
@@ -123,4 +131,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    run_main(main)

@@ -101,7 +101,7 @@ def test_folder_without_txt_files_is_an_error(tmp_path):
         list_source_files(tmp_path)
 
 
-@pytest.mark.parametrize("preprocess", ["d2l", "raw"])
+@pytest.mark.parametrize("preprocess", ["d2l", "d2l_spaced", "raw"])
 def test_invalid_utf8_names_file_and_offset(tmp_path, preprocess):
     good = "line one\n" * 1000
     path = tmp_path / "bad.txt"
