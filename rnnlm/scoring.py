@@ -11,7 +11,7 @@ import torch
 
 from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint
 from rnnlm.config import Config, ConfigError
-from rnnlm.data import Vocab, load_corpus, tokenize_files
+from rnnlm.data import Corpus, Vocab, load_corpus, tokenize_files
 from rnnlm.evaluate import EvalResult, evaluate, evaluate_ensemble
 from rnnlm.models import LanguageModel
 from rnnlm.sources import NotUtf8Error, list_source_files
@@ -51,6 +51,13 @@ def heldout_ids(scored: list[Scored], split: str) -> tuple[np.ndarray, str]:
     """The token ids of the checkpoints' `split` ("val" or "test"), rebuilt from the data
     config saved in the first checkpoint (relative paths read from the current folder, as
     training did), and a label naming it."""
+    corpus, label = heldout_corpus(scored, split)
+    return getattr(corpus.splits, split), label
+
+
+def heldout_corpus(scored: list[Scored], split: str) -> tuple[Corpus, str]:
+    """heldout_ids' corpus, checked to hold `split` and the checkpoints' vocabulary, and the
+    label of the split."""
     first = scored[0]
     data = first.cfg.data
     for other in scored[1:]:
@@ -67,7 +74,7 @@ def heldout_ids(scored: list[Scored], split: str) -> tuple[np.ndarray, str]:
     if corpus.vocab != first.vocab:
         raise ConfigError(f"{corpus.source} no longer gives the vocabulary {first.path} was "
                           f"trained with (the file changed?): score it with --text instead")
-    return getattr(corpus.splits, split), f"{SPLIT_LABELS[split]} split of {corpus.source}"
+    return corpus, f"{SPLIT_LABELS[split]} split of {corpus.source}"
 
 
 def text_ids(path: str, vocab: Vocab, preprocess: str, unknown: str,

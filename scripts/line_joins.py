@@ -62,17 +62,17 @@ def main() -> int:
     import torch.nn.functional as F
 
     from rnnlm.config import ConfigError
-    from rnnlm.data import corpus_files, load_corpus
-    from rnnlm.scoring import heldout_ids, load_scored
+    from rnnlm.data import corpus_files
+    from rnnlm.scoring import heldout_corpus, load_scored
 
     torch.set_num_threads(1)
     scored = load_scored([args.checkpoint], torch.device("cpu"))[0]
     if scored.preprocess != "d2l":
         raise ConfigError(f"{args.checkpoint} was trained with data.preprocess="
                           f"{scored.preprocess!r}: only d2l joins lines without a separator")
-    ids, label = heldout_ids([scored], args.split)
+    corpus, label = heldout_corpus([scored], args.split)
+    ids = getattr(corpus.splits, args.split)
     data = scored.cfg.data
-    corpus = load_corpus(data)
     n_train = len(corpus.splits.train)
     first = n_train if args.split == "val" else n_train + len(corpus.splits.val)
 
@@ -107,7 +107,7 @@ def main() -> int:
 
     n = len(loss)
     print(f"{args.checkpoint}: {label}, {n:,} predictions, {int(is_join.sum())} line joins "
-          f"(one every {n / max(int(is_join.sum()), 1):.0f} characters)")
+          f"(one every {n / is_join.sum():.0f} characters)")
     print(f"mean loss (nats): line joins {loss[is_join].mean():.3f}, other word starts "
           f"{loss[word_start].mean():.3f}, spaces {loss[is_space].mean():.3f}, "
           f"other letters {loss[other].mean():.3f}")
