@@ -18,7 +18,7 @@ def main() -> int:
                         help="give up on a run after this long (it is reported as failed)")
     args = parser.parse_args()
 
-    from rnnlm.compare import compare, parse_seeds  # after argparse, so --help is instant
+    from rnnlm.tools.compare import compare, parse_seeds  # after argparse, so --help is instant
 
     _, results = compare(args.config, args.vary, parse_seeds(args.seeds), args.set,
                          timeout=args.timeout)

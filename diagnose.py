@@ -32,7 +32,7 @@ def main() -> int:
     if args.checkpoint:
         if args.runs:
             raise ConfigError("--runs goes with --figure, not --checkpoint")
-        from rnnlm.diagnostics_report import diagnose_checkpoint, format_record
+        from rnnlm.diagnostics.report import diagnose_checkpoint, format_record
 
         plot, record = diagnose_checkpoint(args.checkpoint, args.out, args.set)
         print(format_record(record))
@@ -42,7 +42,7 @@ def main() -> int:
         raise ConfigError(f"--figure {args.figure} needs --runs DIR [DIR ...] and --out FILE.png")
     if not args.out.lower().endswith(".png"):
         raise ConfigError(f"--out {args.out} must name a .png file")
-    from rnnlm import diagnostics_plots as plots
+    from rnnlm.diagnostics import plots
 
     runs = [plots.load_run(run) for run in args.runs]
     draw = {"gradients": plots.plot_gradient_norms, "eigenvalues": plots.plot_eigenvalues,

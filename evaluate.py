@@ -40,8 +40,8 @@ def main() -> int:
     import torch
 
     from rnnlm.config import ConfigError
-    from rnnlm.scoring import heldout_ids, load_scored, result_line, score, text_ids
-    from rnnlm.trainer import resolve_device
+    from rnnlm.evaluation.scoring import heldout_ids, load_scored, result_line, score, text_ids
+    from rnnlm.training.run import resolve_device
 
     if args.lanes < 1:
         raise ConfigError(f"--lanes must be >= 1, got {args.lanes}")

@@ -32,8 +32,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint
-    from rnnlm.sampling import SamplingOptions, encode_prefix, write_samples
-    from rnnlm.trainer import resolve_device
+    from rnnlm.evaluation.sampling import SamplingOptions, encode_prefix, write_samples
+    from rnnlm.training.run import resolve_device
 
     options = SamplingOptions(num_chars=args.num_chars, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,

@@ -26,12 +26,12 @@ def main() -> int:
                      "one (not both: on resume, change settings with --set)")
 
     # after argparse, so --help is instant
-    from rnnlm.auto_resume import plan as auto_resume_plan
     from rnnlm.checkpoint import load_checkpoint, resume_config
     from rnnlm.config import load_config
-    from rnnlm.distributed import is_main_process
-    from rnnlm.interrupts import TrainingInterrupted
-    from rnnlm.trainer import train
+    from rnnlm.training.auto_resume import plan as auto_resume_plan
+    from rnnlm.training.distributed import is_main_process
+    from rnnlm.training.interrupts import TrainingInterrupted
+    from rnnlm.training.run import train
 
     try:
         if args.resume:

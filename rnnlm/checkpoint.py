@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from rnnlm.config import Config, ConfigError, config_from_dict, parse_override
-from rnnlm.data import PREPROCESSORS, Vocab
+from rnnlm.data.corpus import PREPROCESSORS, Vocab
 
 FORMAT = "rnnlm-checkpoint"
 FORMAT_VERSION = 1

@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     # None: the Time Machine (downloaded and verified when missing); else a UTF-8 text file
-    # or a folder of .txt files (read in sorted order, see rnnlm/sources.py)
+    # or a folder of .txt files (read in sorted order, see rnnlm/data/sources.py)
     path: str | None = None
     data_dir: str = "data"  # where the Time Machine and the token cache (data_dir/cache) live
     # d2l: D2L 0.17, the book's chapter 8 (each line cleaned, lines joined with no separator);
@@ -52,13 +52,13 @@ class ModelConfig:
     dropout: float = 0.0  # between stacked layers, as torch.nn does
     embedding_dim: int | None = None  # None: one-hot input (D2L); an int: a learned embedding
     # Scratch models only: "manual" runs each layer's window with the hand-written BPTT
-    # backward (bptt.py, gated_bptt.py; same numbers, far fewer ops), "autograd" step by step.
+    # backward (bptt.py, gated.py; same numbers, far fewer ops), "autograd" step by step.
     # "auto" is manual for the scratch kinds; torch.nn kinds always use their own backward.
     backward: Literal["auto", "manual", "autograd"] = "auto"
     activation: Literal["tanh", "identity"] = "tanh"  # identity: D2L 8.7's linear RNN
     # Scratch models with the hand-written backward, float32 on a CPU: "c" runs each window's
     # step loop in C, calling PyTorch's MKL for the recurrent matmuls, or, without those
-    # symbols, each GRU/LSTM step's elementwise work in one C call (native_cells.py, built
+    # symbols, each GRU/LSTM step's elementwise work in one C call (native.py, built
     # with the system's C compiler on first use); "torch" uses tensor ops (TorchScript);
     # "auto" is c where it can be built and used, else torch; "c" refuses to train where it
     # cannot be used.
@@ -98,7 +98,7 @@ class TrainConfig:
     # is opaque to it. The first batches pay the compilation (tens of seconds).
     compile: bool = False
     checkpoint_every: int = 10  # epochs between writes of out_dir/last.pt; 0 = only at the end
-    # Truncated BPTT (rnnlm/truncation.py, docs/bptt.md): regular = detach at every batch
+    # Truncated BPTT (rnnlm/bptt/truncation.py, docs/bptt.md): regular = detach at every batch
     # boundary (D2L); randomized = Tallec & Ollivier's xi_t; variable_length = AWD-LSTM windows.
     truncation: Literal["regular", "randomized", "variable_length"] = "regular"
     truncation_pi: float = 0.5  # randomized: P(xi_t = 1/pi); the chain is cut with 1 - pi
@@ -383,7 +383,7 @@ def validate(cfg: Config) -> None:
              f"{t.checkpoint_every}")
     _require(t.diagnostics_every >= 1,
              f"train.diagnostics_every must be >= 1, got {t.diagnostics_every}")
-    from rnnlm.truncation import check_truncation_config  # late import, as above
+    from rnnlm.bptt.truncation import check_truncation_config  # late import, as above
 
     check_truncation_config(cfg)
     _validate_heldout(cfg)

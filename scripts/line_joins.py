@@ -32,7 +32,7 @@ def line_starts(files, total: int, whole: bool):
     tokens (`whole`: all of the text; else data.max_tokens cut the stream's tail off)."""
     import numpy as np
 
-    from rnnlm.data import DataError, preprocess_d2l
+    from rnnlm.data.corpus import DataError, preprocess_d2l
 
     starts, offset = [], 0
     for path in files:
@@ -62,8 +62,8 @@ def main() -> int:
     import torch.nn.functional as F
 
     from rnnlm.config import ConfigError
-    from rnnlm.data import corpus_files
-    from rnnlm.scoring import heldout_corpus, load_scored
+    from rnnlm.data.corpus import corpus_files
+    from rnnlm.evaluation.scoring import heldout_corpus, load_scored
 
     torch.set_num_threads(1)
     scored = load_scored([args.checkpoint], torch.device("cpu"))[0]

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Build rnnlm/native/cells.c into a folder of this test session, not the user's cache. Set
+# Build rnnlm/kernels/cells.c into a folder of this test session, not the user's cache. Set
 # here, before any test module is imported (test_native_cells' skip mark builds it then);
 # subprocesses inherit the variable; the folder goes when the session's interpreter exits.
 _NATIVE_CACHE = tempfile.TemporaryDirectory(prefix="rnnlm-native-")

@@ -5,10 +5,10 @@ import sys
 import pytest
 
 import train as train_entry
-from rnnlm import auto_resume
 from rnnlm.checkpoint import CheckpointError
 from rnnlm.config import ConfigError, load_config
-from rnnlm.trainer import train
+from rnnlm.training import auto_resume
+from rnnlm.training.run import train
 from tests.conftest import ROOT
 
 SETTINGS = ["train.threads=1", "train.predict_every=0", "data.max_tokens=600",

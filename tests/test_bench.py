@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from rnnlm import bench
 from rnnlm.config import ConfigError
+from rnnlm.tools import bench
 from tests.conftest import ROOT
 
 

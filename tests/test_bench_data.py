@@ -1,6 +1,6 @@
 """The data benchmark's pieces, on a corpus small enough for a test."""
 
-from rnnlm.bench_data import generate_corpus, phase
+from rnnlm.tools.bench_data import generate_corpus, phase
 
 
 def test_generated_corpus_and_phases(tmp_path, time_machine_path):

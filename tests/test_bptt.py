@@ -1,4 +1,4 @@
-"""The hand-written BPTT backward (rnnlm.bptt) against autograd, the closed form and theory."""
+"""The hand-written BPTT backward (rnnlm.bptt.rnn) against autograd, the closed form and theory."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rnnlm.bptt import (
+from rnnlm.bptt.rnn import (
     ManualRNNWindow,
     autograd_rnn_window,
     linear_closed_form_state_grads,

@@ -23,8 +23,8 @@ from rnnlm.checkpoint import (
     resume_config,
 )
 from rnnlm.config import ConfigError, config_from_dict, load_config
-from rnnlm.data import Vocab
-from rnnlm.trainer import MetricsLog, train
+from rnnlm.data.corpus import Vocab
+from rnnlm.training.run import MetricsLog, train
 from tests.conftest import ROOT
 
 

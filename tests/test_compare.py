@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import rnnlm.compare as cmp
+import rnnlm.tools.compare as cmp
 from rnnlm.config import ConfigError
 from tests.conftest import ROOT
 

@@ -7,11 +7,11 @@ import re
 import numpy as np
 import pytest
 
-import rnnlm.tokens
+import rnnlm.data.tokens
 from rnnlm.config import DataConfig
-from rnnlm.data import PREPROCESSORS, DataError, load_corpus, preprocess_d2l, tokenize
-from rnnlm.sources import iter_line_blocks, list_source_files
-from rnnlm.tokens import block_code_points, d2l_code_points
+from rnnlm.data.corpus import PREPROCESSORS, DataError, load_corpus, preprocess_d2l, tokenize
+from rnnlm.data.sources import iter_line_blocks, list_source_files
+from rnnlm.data.tokens import block_code_points, d2l_code_points
 
 
 def corpus_text(files, preprocess="raw", errors="strict", block_bytes=None):
@@ -57,7 +57,7 @@ def test_d2l_spaced_equals_d2l_1_0s_definition(tmp_path, monkeypatch, seed, bloc
     path = tmp_path / "a.txt"
     path.write_bytes(text.encode("utf-8"))
     expected = re.sub("[^A-Za-z]+", " ", text + "\n").lower()  # the reader ends every line
-    monkeypatch.setattr(rnnlm.tokens, "iter_line_blocks",
+    monkeypatch.setattr(rnnlm.data.tokens, "iter_line_blocks",
                         functools.partial(iter_line_blocks, block_bytes=block_bytes))
     assert corpus_text([path], "d2l_spaced") == expected
     ids, vocab = tokenize(text + "\n", "d2l_spaced")

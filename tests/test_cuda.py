@@ -5,9 +5,9 @@ import torch
 
 from rnnlm.config import load_config
 from rnnlm.models import MODEL_KINDS
-from rnnlm.trainer import train
+from rnnlm.training.run import train
 from tests.conftest import ROOT
-from tests.test_trainer import read_metrics
+from tests.test_epoch import read_metrics
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

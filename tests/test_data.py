@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rnnlm.config import DataConfig
-from rnnlm.data import (
+from rnnlm.data.corpus import (
     TIME_MACHINE_SHA1,
     DataError,
     Vocab,

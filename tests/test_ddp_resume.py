@@ -15,8 +15,8 @@ import pytest
 import sample
 from rnnlm.checkpoint import load_checkpoint, resume_config
 from rnnlm.config import load_config
-from rnnlm.interrupts import TrainingInterrupted
-from rnnlm.trainer import train
+from rnnlm.training.interrupts import TrainingInterrupted
+from rnnlm.training.run import train
 from tests.conftest import ROOT
 from tests.test_distributed import TORCHRUN, single_process_env
 from tests.test_resume import StopAfter

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from rnnlm.decoding import ScratchDecoder, make_decoder
 from rnnlm.models import MODEL_KINDS
+from rnnlm.models.decoding import ScratchDecoder, make_decoder
 from tests.test_models import make
 
 

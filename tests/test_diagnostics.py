@@ -13,27 +13,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rnnlm.bptt import linear_closed_form_state_grads
+from rnnlm.bptt.rnn import linear_closed_form_state_grads
+from rnnlm.bptt.truncation import Truncation
 from rnnlm.config import ConfigError, config_from_dict, load_config
-from rnnlm.diagnostics import (
+from rnnlm.data.iterators import BatchIterator, VariableLength
+from rnnlm.diagnostics.gradients import (
     diagnostic_batch,
     eigenvalues,
     spectral_summary,
     state_gradient_norms,
     truncation_pattern,
 )
-from rnnlm.diagnostics_plots import (
+from rnnlm.diagnostics.plots import (
     load_run,
     plot_eigenvalues,
     plot_gradient_norms,
     plot_truncation_patterns,
     segments,
 )
-from rnnlm.diagnostics_report import diagnose_checkpoint, pattern_windows
-from rnnlm.iterators import BatchIterator, VariableLength
+from rnnlm.diagnostics.report import diagnose_checkpoint, pattern_windows
 from rnnlm.models import build_model
-from rnnlm.trainer import train
-from rnnlm.truncation import Truncation
+from rnnlm.training.run import train
 from tests.conftest import ROOT
 from tests.test_models import copy_into_twin
 

@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from rnnlm import distributed
 from rnnlm.config import ConfigError, load_config
 from rnnlm.models import MODEL_KINDS, build_model
-from rnnlm.trainer import train
+from rnnlm.training import distributed
+from rnnlm.training.run import train
 from tests.conftest import ROOT
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]

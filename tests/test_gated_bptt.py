@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from rnnlm.bptt import scale_grad
-from rnnlm.gated_bptt import gru_window, lstm_window
+from rnnlm.bptt.gated import gru_window, lstm_window
+from rnnlm.bptt.rnn import scale_grad
 from rnnlm.models.scratch import gru_cell, lstm_cell
 
 TOL = dict(atol=1e-10, rtol=1e-10)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from rnnlm.iterators import BatchIterator, VariableLength
+from rnnlm.data.iterators import BatchIterator, VariableLength
 
 
 @pytest.mark.parametrize("mode", ["sequential", "random"])

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from rnnlm.config import load_config
-from rnnlm.data import preprocess_d2l
-from rnnlm.trainer import train
+from rnnlm.data.corpus import preprocess_d2l
+from rnnlm.training.run import train
 from tests.conftest import ROOT
 
 # Two kinds of line, so that word ends fall in several of the script's position bins: after

@@ -3,7 +3,7 @@
 import pytest
 from matplotlib.figure import Figure
 
-import rnnlm.plots as plots
+import rnnlm.training.plots as plots
 
 
 @pytest.fixture
@@ -59,21 +59,21 @@ def test_comparison_plot(tmp_path, captured):
 
 
 def test_the_run_redraws_at_each_evaluation_and_at_the_end(tiny_overrides, monkeypatch):
-    import rnnlm.trainer
+    import rnnlm.training.run
     from rnnlm.config import load_config
     from tests.conftest import ROOT
 
     calls = []
-    monkeypatch.setattr(rnnlm.trainer, "plot_perplexity",
+    monkeypatch.setattr(rnnlm.training.run, "plot_perplexity",
                         lambda records, path, title: calls.append((len(records), path.name)))
     cfg = load_config(ROOT / "configs/tiny.yaml",
                       [*tiny_overrides, "data.split=[0.8,0.1,0.1]", "train.epochs=5",
                        "train.eval_every=2", "model.hidden_size=8"])
-    rnnlm.trainer.train(cfg, quiet=True)
+    rnnlm.training.run.train(cfg, quiet=True)
     assert calls == [(2, "perplexity.png"), (4, "perplexity.png"), (5, "perplexity.png"),
                      (5, "perplexity.png")]  # epochs 2, 4, the last epoch, the end
     calls.clear()
     cfg = load_config(ROOT / "configs/tiny.yaml", [*tiny_overrides, "train.epochs=5",
                                                    "train.predict_every=2"])
-    rnnlm.trainer.train(cfg, quiet=True, overwrite=True)
+    rnnlm.training.run.train(cfg, quiet=True, overwrite=True)
     assert [n for n, _ in calls] == [2, 4, 5]  # no validation: the progress epochs, the end

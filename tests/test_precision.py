@@ -5,10 +5,10 @@ import torch
 
 from rnnlm.config import ConfigError, config_from_dict, load_config
 from rnnlm.models import MODEL_KINDS, build_model
-from rnnlm.shards import ShardedForwardBackward, forward_backward
-from rnnlm.trainer import train
+from rnnlm.training.run import train
+from rnnlm.training.step import ShardedForwardBackward, forward_backward
 from tests.conftest import ROOT
-from tests.test_trainer import read_metrics
+from tests.test_epoch import read_metrics
 
 
 def small_model(kind, *overrides):

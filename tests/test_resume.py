@@ -11,8 +11,8 @@ import pytest
 
 from rnnlm.checkpoint import load_checkpoint, resume_config
 from rnnlm.config import load_config
-from rnnlm.interrupts import StopRequest, TrainingInterrupted
-from rnnlm.trainer import train
+from rnnlm.training.interrupts import StopRequest, TrainingInterrupted
+from rnnlm.training.run import train
 from tests.conftest import ROOT
 
 TIMING_KEYS = {"tokens_per_s", "epoch_s", "wall_s"}
@@ -269,7 +269,7 @@ def test_second_ctrl_c_quits_at_once_mid_write(tmp_path, data_dir):
 
 def test_a_quick_repeat_of_the_same_signal_is_one_ctrl_c():
     """torchrun may deliver one Ctrl-C twice: within the window it is not a second one."""
-    from rnnlm.interrupts import stop_on_signals
+    from rnnlm.training.interrupts import stop_on_signals
 
     request = StopRequest()
     with stop_on_signals(request, repeat_window_s=30.0):

@@ -1,4 +1,4 @@
-"""sample.py and rnnlm.sampling: pickers, seeds, prefixes, streaming, errors, and the
+"""sample.py and rnnlm.evaluation.sampling: pickers, seeds, prefixes, streaming, errors, and the
 greedy sample matching what training printed."""
 
 import io
@@ -12,15 +12,15 @@ import torch
 
 from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint
 from rnnlm.config import ConfigError, load_config
-from rnnlm.data import Vocab
-from rnnlm.sampling import (
+from rnnlm.data.corpus import Vocab
+from rnnlm.evaluation.sampling import (
     SamplingOptions,
     encode_prefix,
     greedy,
     sampler,
     write_samples,
 )
-from rnnlm.trainer import train
+from rnnlm.training.run import train
 from tests.conftest import ROOT
 
 

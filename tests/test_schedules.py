@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-import rnnlm.trainer
-from rnnlm.averaging import WeightAverage
+import rnnlm.training.run
 from rnnlm.config import ConfigError, config_from_dict, load_config
 from rnnlm.models import MODEL_KINDS, build_model
 from rnnlm.models.base import LockedDropout
-from rnnlm.schedules import EarlyStopping, LRSchedule
-from rnnlm.trainer import train
+from rnnlm.training.averaging import WeightAverage
+from rnnlm.training.run import train
+from rnnlm.training.schedules import EarlyStopping, LRSchedule
 from tests.conftest import ROOT
 
 
@@ -111,7 +111,7 @@ def test_early_stopping_ends_the_run(tiny_overrides, tmp_path, monkeypatch):
     """Scripted validation losses: best at epoch 2, then two evaluations without
     improvement, so the run stops after epoch 4 and tests the epoch-2 weights."""
     script = [2.0, 1.5, 1.6, 1.5]  # then the test split, really evaluated
-    real = rnnlm.trainer.evaluate
+    real = rnnlm.training.run.evaluate
 
     def scripted(model, ids, lanes, device):
         result = real(model, ids, lanes, device)
@@ -119,7 +119,7 @@ def test_early_stopping_ends_the_run(tiny_overrides, tmp_path, monkeypatch):
             result.loss = script.pop(0)
         return result
 
-    monkeypatch.setattr(rnnlm.trainer, "evaluate", scripted)
+    monkeypatch.setattr(rnnlm.training.run, "evaluate", scripted)
     cfg = load_config(ROOT / "configs/tiny.yaml",
                       [*tiny_overrides, "data.split=[0.8,0.1,0.1]", "train.epochs=30",
                        "train.early_stop_patience=2", "model.kind=gru"])

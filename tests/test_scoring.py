@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from rnnlm.config import ConfigError, config_from_dict, load_config
-from rnnlm.evaluate import evaluate, evaluate_ensemble, lane_bounds
+from rnnlm.evaluation.evaluate import evaluate, evaluate_ensemble, lane_bounds
+from rnnlm.evaluation.scoring import heldout_ids, load_scored, score, text_ids
 from rnnlm.models import build_model
-from rnnlm.scoring import heldout_ids, load_scored, score, text_ids
-from rnnlm.trainer import train
+from rnnlm.training.run import train
 from tests.conftest import ROOT, time_machine_source
 from tests.test_heldout import read_records
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from rnnlm import bptt, gated_bptt
-from rnnlm.scripting import scripted
+from rnnlm.bptt import gated, rnn
+from rnnlm.kernels.scripting import scripted
 
 
 def inputs(name, xi, seed=0):
@@ -24,7 +24,7 @@ def inputs(name, xi, seed=0):
     if name == "lstm_forward":
         return (rand(T, B, 4 * H), rand(B, H), rand(B, H), rand(4 * H, H, scale=0.5))
     if name == "lstm_backward":
-        hbuf, cbuf, acts, tanh_c = gated_bptt._lstm_forward_loop.python(
+        hbuf, cbuf, acts, tanh_c = gated._lstm_forward_loop.python(
             *inputs("lstm_forward", False, seed + 1))
         return (rand(T, B, H), rand(B, H), hbuf, cbuf, acts, tanh_c,
                 rand(4 * H, H, scale=0.5), xi)
@@ -37,10 +37,10 @@ def inputs(name, xi, seed=0):
 
 
 LOOPS = {
-    "rnn_forward": bptt._rnn_forward_loop, "rnn_backward": bptt._rnn_backward_loop,
-    "lstm_forward": gated_bptt._lstm_forward_loop,
-    "lstm_backward": gated_bptt._lstm_backward_loop,
-    "gru_forward": gated_bptt._gru_forward_loop, "gru_backward": gated_bptt._gru_backward_loop,
+    "rnn_forward": rnn._rnn_forward_loop, "rnn_backward": rnn._rnn_backward_loop,
+    "lstm_forward": gated._lstm_forward_loop,
+    "lstm_backward": gated._lstm_backward_loop,
+    "gru_forward": gated._gru_forward_loop, "gru_backward": gated._gru_backward_loop,
 }
 
 

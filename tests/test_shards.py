@@ -7,10 +7,10 @@ import torch
 
 from rnnlm.config import ConfigError, config_from_dict, load_config
 from rnnlm.models import MODEL_KINDS, build_model
-from rnnlm.shards import ShardedForwardBackward, forward_backward, shard_pool
-from rnnlm.trainer import train
+from rnnlm.training.run import train
+from rnnlm.training.step import ShardedForwardBackward, forward_backward, shard_pool
 from tests.conftest import ROOT
-from tests.test_trainer import read_metrics
+from tests.test_epoch import read_metrics
 
 
 @pytest.mark.parametrize("kind", list(MODEL_KINDS))
@@ -79,7 +79,7 @@ def test_a_run_gives_back_the_callers_thread_count(setting, tiny_overrides, tmp_
                           [*tiny_overrides[:1], f"out_dir={tmp_path}", setting,
                            "train.epochs=1"])
         with pytest.MonkeyPatch.context() as patch:
-            import rnnlm.trainer as trainer
+            import rnnlm.training.run as trainer
             real = trainer.load_corpus
             patch.setattr(trainer, "load_corpus",
                           lambda *a: seen.append(torch.get_num_threads()) or real(*a))
@@ -106,7 +106,7 @@ def test_a_run_gives_back_the_callers_thread_count(setting, tiny_overrides, tmp_
     (["train.batch_shards=3"], "cpu", False, 1, 3),  # a number is taken as given
 ])
 def test_auto_batch_shards(overrides, device, distributed, cores, expected, monkeypatch):
-    import rnnlm.shards as shards
+    import rnnlm.training.step as shards
     monkeypatch.setattr(shards, "usable_cores", lambda: cores)
     cfg = config_from_dict({}, overrides)
     assert shards.resolve_batch_shards(cfg, torch.device(device), distributed) == expected
@@ -114,7 +114,7 @@ def test_auto_batch_shards(overrides, device, distributed, cores, expected, monk
 
 def test_auto_batch_shards_trains_sharded_and_is_kept_as_auto(tiny_overrides, tmp_path,
                                                              monkeypatch):
-    import rnnlm.shards as shards
+    import rnnlm.training.step as shards
     monkeypatch.setattr(shards, "usable_cores", lambda: 2)
     made = []
     real = shards.ShardedForwardBackward.__init__

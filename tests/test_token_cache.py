@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-import rnnlm.data
+import rnnlm.data.corpus
 from rnnlm.config import DataConfig
-from rnnlm.data import DataError, load_corpus
+from rnnlm.data.corpus import DataError, load_corpus
 
 TEXT = "The Time Machine, by H. G. Wells\nI\n\nThe Time Traveller (for so it will be\n"
 
@@ -16,13 +16,13 @@ TEXT = "The Time Machine, by H. G. Wells\nI\n\nThe Time Traveller (for so it wil
 def counted(monkeypatch):
     """Counts how many passes of tokenisation run (each pass preprocesses the text once)."""
     calls = []
-    real = rnnlm.data.block_code_points
+    real = rnnlm.data.corpus.block_code_points
 
     def spy(*args, **kwargs):
         calls.append(args[1:])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(rnnlm.data, "block_code_points", spy)
+    monkeypatch.setattr(rnnlm.data.corpus, "block_code_points", spy)
     return calls
 
 
@@ -136,7 +136,7 @@ def test_unwritable_cache_is_a_clear_error(tmp_path):
 def test_a_file_changing_between_the_passes_is_refused(tmp_path, monkeypatch, cache):
     path = tmp_path / "t.txt"
     path.write_text(TEXT)
-    real = rnnlm.data.block_code_points
+    real = rnnlm.data.corpus.block_code_points
     passes = []
 
     def growing(*args):
@@ -145,7 +145,7 @@ def test_a_file_changing_between_the_passes_is_refused(tmp_path, monkeypatch, ca
         if len(passes) == 2:  # the encode pass sees one more block than the count pass did
             yield from real(*args)
 
-    monkeypatch.setattr(rnnlm.data, "block_code_points", growing)
+    monkeypatch.setattr(rnnlm.data.corpus, "block_code_points", growing)
     with pytest.raises(DataError, match="changed while it was being read"):
         load_corpus(cfg(path, tmp_path, cache=cache))
     if cache:  # nothing half-written is left behind

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from rnnlm.bptt.truncation import Truncation, variable_length_of
 from rnnlm.config import ConfigError, config_from_dict, load_config
-from rnnlm.iterators import BatchIterator
+from rnnlm.data.iterators import BatchIterator
 from rnnlm.models import MODEL_KINDS, build_model
-from rnnlm.shards import ShardedForwardBackward, forward_backward
-from rnnlm.trainer import train, train_epoch
-from rnnlm.truncation import Truncation, variable_length_of
+from rnnlm.training.epoch import train_epoch
+from rnnlm.training.run import train
+from rnnlm.training.step import ShardedForwardBackward, forward_backward
 from tests.conftest import ROOT
 
 STRATEGIES = ["regular", "randomized", "variable_length"]
@@ -271,7 +272,7 @@ def test_stopped_mid_epoch_and_resumed_equals_uninterrupted(strategy, data_dir, 
     """xi is seeded by the absolute batch index and the variable cuts are replayed from the
     epoch's generator, so a run stopped inside an epoch resumes bit for bit."""
     from rnnlm.checkpoint import CheckpointError
-    from rnnlm.interrupts import TrainingInterrupted
+    from rnnlm.training.interrupts import TrainingInterrupted
     from tests.test_resume import StopAfter, records, resume
 
     def cfg(out):

@@ -17,7 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import rnnlm.trainer as trainer  # noqa: E402
+import rnnlm.training.epoch as epoch  # noqa: E402
+import rnnlm.training.run as trainer  # noqa: E402
 
 RANK = os.environ.get("RANK", "0")
 
@@ -35,7 +36,7 @@ def log_saves(log: str) -> None:
 
 
 def pause_at(step: int) -> None:
-    real_clip = trainer.clip_gradients
+    real_clip = epoch.clip_gradients
     steps = [0]
 
     def pausing_clip(*args, **kwargs):
@@ -58,7 +59,7 @@ def pause_at(step: int) -> None:
                 signal.signal(sig, handler)
         return real_clip(*args, **kwargs)
 
-    trainer.clip_gradients = pausing_clip
+    epoch.clip_gradients = pausing_clip
 
 
 if os.environ.get("RNNLM_PROBE_SAVES"):

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnlm.bptt import manual_rnn_window, scale_grad
-from rnnlm.gated_bptt import gru_window, lstm_window
+from rnnlm.bptt.gated import gru_window, lstm_window
+from rnnlm.bptt.rnn import manual_rnn_window, scale_grad
 from rnnlm.models.base import LanguageModel, State
 
 

@@ -1,11 +1,11 @@
-"""Data-preparation benchmark: python -m rnnlm.bench_data [--size-mb 100] [--preprocess d2l].
+"""Data-preparation benchmark: python -m rnnlm.tools.bench_data [--size-mb 100] [--preprocess d2l].
 
 Generates a corpus of the given size in a temporary folder (ten .txt files of lines drawn
 at random from the Time Machine, or from a built-in word list when it is not at hand, with
 some non-ASCII lines), then measures each phase in a fresh Python process, so that one
 phase's memory cannot hide in another's peak:
 
-* baseline: the interpreter with NumPy and rnnlm.data imported (the floor of every phase);
+* baseline: the interpreter with NumPy and rnnlm.data.corpus imported (the floor of every phase);
 * first run: hashing, tokenising and writing the cache (what `load_corpus` does the first
   time);
 * cached start: `load_corpus` again, which hashes the text and maps the cached ids;
@@ -89,7 +89,7 @@ def generate_corpus(folder: Path, size_mb: float, data_dir: str, files: int = 10
 def phase(name: str, corpus: str, data_dir: str, preprocess: str, model: str) -> dict:
     """Runs inside a fresh child process; returns the measurements as a dict."""
     from rnnlm.config import DataConfig
-    from rnnlm.data import load_corpus
+    from rnnlm.data.corpus import load_corpus
 
     cfg = DataConfig(path=corpus, data_dir=data_dir, preprocess=preprocess, max_tokens=None)
     result: dict = {"phase": name}
@@ -103,9 +103,10 @@ def phase(name: str, corpus: str, data_dir: str, preprocess: str, model: str) ->
         import torch
 
         from rnnlm.config import config_from_dict
-        from rnnlm.iterators import BatchIterator
+        from rnnlm.data.iterators import BatchIterator
         from rnnlm.models import build_model
-        from rnnlm.trainer import make_optimizer, train_epoch
+        from rnnlm.training.epoch import train_epoch
+        from rnnlm.training.run import make_optimizer
 
         torch.set_num_threads(1)
         run = config_from_dict({}, [f"model.kind={model}", "model.hidden_size=256",
@@ -133,20 +134,21 @@ def phase(name: str, corpus: str, data_dir: str, preprocess: str, model: str) ->
 
 
 def run_phase(name: str, corpus: Path, data_dir: Path, preprocess: str, model: str) -> dict:
-    code = ("import json, sys; from rnnlm.bench_data import phase; "
+    code = ("import json, sys; from rnnlm.tools.bench_data import phase; "
             "print(json.dumps(phase(*sys.argv[1:])))")
     proc = subprocess.run([sys.executable, "-c", code, name, str(corpus), str(data_dir),
                            preprocess, model], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
     if proc.returncode != 0:
         raise RuntimeError(f"phase {name} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def baseline_rss() -> float:
-    code = "import rnnlm.data; from rnnlm.bench_data import peak_rss_mb; print(peak_rss_mb())"
+    code = ("import rnnlm.data.corpus; from rnnlm.tools.bench_data import peak_rss_mb; "
+            "print(peak_rss_mb())")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True, cwd=Path(__file__).resolve().parents[1])
+                          check=True, cwd=Path(__file__).resolve().parents[2])
     return float(proc.stdout)
 
 

@@ -6,7 +6,7 @@
   multiplied by xi_t, 0 with probability 1 - pi and 1/pi otherwise: the gradient stays
   unbiased but stops at random depths. Needs a step-by-step model.
 * ``variable_length`` (AWD-LSTM): the sequential iterator draws each window's length
-  (rnnlm.iterators.VariableLength) and the learning rate is scaled by length / num_steps for
+  (rnnlm.data.iterators.VariableLength) and the learning rate is scaled by length / num_steps for
   that step, so short windows do not weigh as much as long ones.
 
 xi is drawn from a generator seeded by (seed, epoch, batch index): a run is deterministic, and
@@ -20,8 +20,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from rnnlm.bptt import sample_truncation_xi
-from rnnlm.iterators import VariableLength
+from rnnlm.bptt.rnn import sample_truncation_xi
+from rnnlm.data.iterators import VariableLength
 
 _XI_STREAM = 0x7872  # keeps xi's seeds apart from any other (seed, epoch) stream
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rnnlm.sources import DataError
+from rnnlm.data.sources import DataError
 
 SPLIT_NAMES = ("train", "val", "test")
 

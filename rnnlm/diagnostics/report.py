@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rnnlm.diagnostics import (
+from rnnlm.bptt.truncation import Truncation
+from rnnlm.data.iterators import BatchIterator
+from rnnlm.diagnostics.gradients import (
     complex_pairs,
     diagnostic_batch,
     eigenvalues,
@@ -20,10 +22,8 @@ from rnnlm.diagnostics import (
     significant,
     truncation_pattern,
 )
-from rnnlm.diagnostics_plots import PLOT_FILE, SUMMARY_FILE, load_run, plot_run
-from rnnlm.iterators import BatchIterator
+from rnnlm.diagnostics.plots import PLOT_FILE, SUMMARY_FILE, load_run, plot_run
 from rnnlm.models import LanguageModel
-from rnnlm.truncation import Truncation
 
 PATTERN_BATCHES = 3  # consecutive training batches drawn in the truncation pattern
 
@@ -98,7 +98,7 @@ class DiagnosticsRecorder:
 def measure_checkpoint_model(model: LanguageModel, cfg, ids: np.ndarray, out_dir: Path,
                              epoch: int) -> tuple[Path, dict]:
     """diagnose.py's work: every measurement on a trained model, written into out_dir."""
-    from rnnlm.truncation import variable_length_of
+    from rnnlm.bptt.truncation import variable_length_of
 
     X, Y = diagnostic_batch(ids, cfg.data.batch_size, cfg.data.num_steps)
     record = epoch_record(model, X, Y)
@@ -136,7 +136,7 @@ def diagnose_checkpoint(path: str | Path, out_dir: str | Path | None = None,
     The results go into out_dir (default: diagnose-<name> beside the checkpoint), never over
     the training run's own diagnostics."""
     from rnnlm.config import ConfigError
-    from rnnlm.data import load_corpus
+    from rnnlm.data.corpus import load_corpus
 
     model, cfg, vocab, epoch = load_checkpoint_model(path, overrides)
     corpus = load_corpus(cfg.data)

@@ -31,16 +31,16 @@ from pathlib import Path
 
 import torch
 
-from rnnlm import native_cells
 from rnnlm.config import ConfigError, load_config
-from rnnlm.data import load_corpus
+from rnnlm.data.corpus import load_corpus
+from rnnlm.evaluation.sampling import generate
+from rnnlm.kernels import native
+from rnnlm.kernels.scripting import scripted
 from rnnlm.models import build_model
-from rnnlm.sampling import generate
-from rnnlm.scripting import scripted
-from rnnlm.shards import shard_pool
-from rnnlm.trainer import train
+from rnnlm.training.run import train
+from rnnlm.training.step import shard_pool
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BOOK_PRESETS = ["rnn_scratch", "rnn_scratch_random", "gru_scratch", "lstm_scratch", "rnn",
                 "gru", "lstm"]
 REFERENCE = ROOT.parent / "shared" / "tools" / "d2l_reference.sh"
@@ -106,7 +106,7 @@ def _batch_matmuls_c(h, w_f, w_b, dgates, window_h, window_g, x_in, w_in, w_out,
     kept = _batch_matmuls(h, w_f, w_b, dgates, window_h, window_g, x_in, w_in, w_out, d_out,
                           out_f, out_b, layers, 0)
     for _ in range(layers):  # w_b (G*H, H) has W_hh's layout
-        native_cells.recurrent_products(h, w_b, out_f, dgates, out_b, steps)
+        native.recurrent_products(h, w_b, out_f, dgates, out_b, steps)
     return kept
 
 
@@ -117,7 +117,7 @@ def matmul_roofline(kind: str, hidden: int, layers: int, vocab: int, batch: int,
     (B, G*H) @ (G*H, H) backward, and the window-wide input, output and weight-gradient GEMMs.
     shards > 1 measures the layout of train.batch_shards: each shard's lanes on its own thread
     with one intra-op thread each, all running at once. The recurrent products are timed both
-    through torch.mm and as the C window loops call MKL (native_cells.windows_available()),
+    through torch.mm and as the C window loops call MKL (native.windows_available()),
     and the faster way counts."""
     G, H, T, V = gates_of(kind), hidden, steps, vocab
     g = torch.Generator().manual_seed(0)
@@ -132,7 +132,7 @@ def matmul_roofline(kind: str, hidden: int, layers: int, vocab: int, batch: int,
 
     lanes = [len(part) for part in torch.arange(batch).tensor_split(shards)]
     per_shard = [operands(n) for n in lanes]
-    ways = [_batch_matmuls, *([_batch_matmuls_c] if native_cells.windows_available() else [])]
+    ways = [_batch_matmuls, *([_batch_matmuls_c] if native.windows_available() else [])]
     pool = shard_pool(shards, threads_per_shard=1) if shards > 1 else None
 
     def one_batch(way):

@@ -18,7 +18,7 @@ probability pi, else 0, which keeps the gradient unbiased while cutting it at ra
 
 Holds:
 * ``ManualRNNWindow`` / ``manual_rnn_window``: the hand-written forward + backward (fast path;
-  in float32 on a CPU its loops run in C where native_cells.windows_available(), else the
+  in float32 on a CPU its loops run in C where native.windows_available(), else the
   TorchScript loops below);
 * ``autograd_rnn_window``: the same computation step by step with autograd (reference);
 * ``scale_grad``: identity forward, gradient times a factor backward (randomized truncation
@@ -32,8 +32,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from rnnlm import native_cells
-from rnnlm.scripting import scripted
+from rnnlm.kernels import native
+from rnnlm.kernels.scripting import scripted
 
 _ACTIVATIONS = ("tanh", "identity")
 
@@ -119,10 +119,10 @@ class ManualRNNWindow(torch.autograd.Function):
     def forward(ctx, xw, h0, W_hh, activation: str, xi, cell_kernel: str = "auto"):
         xi = _check_window(xw, h0, W_hh, activation, xi)
         tanh = activation == "tanh"
-        # The loop in C (BLAS called from C, native_cells.py) where it can run; it takes the
+        # The loop in C (BLAS called from C, native.py) where it can run; it takes the
         # same steps in the same order, so the results agree to float32 rounding.
-        ctx.native = native_cells.usable_for(cell_kernel, xw, xi, whole_windows=True)
-        loop = native_cells.rnn_forward_loop if ctx.native else _rnn_forward_loop
+        ctx.native = native.usable_for(cell_kernel, xw, xi, whole_windows=True)
+        loop = native.rnn_forward_loop if ctx.native else _rnn_forward_loop
         buf = loop(xw, h0, W_hh, tanh)
         ctx.tanh = tanh
         ctx.has_xi = xi is not None
@@ -143,7 +143,7 @@ class ManualRNNWindow(torch.autograd.Function):
         tanh = ctx.tanh
 
         if ctx.native:
-            dA = native_cells.rnn_backward_loop(buf, dhs, W_hh, tanh)
+            dA = native.rnn_backward_loop(buf, dhs, W_hh, tanh)
         else:
             dA = _rnn_backward_loop(buf, dhs, W_hh, tanh, xi)
 
@@ -163,7 +163,7 @@ def manual_rnn_window(xw: torch.Tensor, h0: torch.Tensor, W_hh: torch.Tensor,
                       activation: str = "tanh", xi: torch.Tensor | None = None,
                       cell_kernel: str = "auto") -> torch.Tensor:
     """All hidden states (T, B, H) of one window, with the hand-written BPTT backward.
-    cell_kernel: model.cell_kernel (auto | c | torch), see native_cells.usable_for."""
+    cell_kernel: model.cell_kernel (auto | c | torch), see native.usable_for."""
     return ManualRNNWindow.apply(xw, h0, W_hh, activation, xi, cell_kernel)
 
 

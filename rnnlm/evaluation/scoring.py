@@ -11,10 +11,10 @@ import torch
 
 from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint
 from rnnlm.config import Config, ConfigError
-from rnnlm.data import Corpus, Vocab, load_corpus, tokenize_files
-from rnnlm.evaluate import EvalResult, evaluate, evaluate_ensemble
+from rnnlm.data.corpus import Corpus, Vocab, load_corpus, tokenize_files
+from rnnlm.data.sources import NotUtf8Error, list_source_files
+from rnnlm.evaluation.evaluate import EvalResult, evaluate, evaluate_ensemble
 from rnnlm.models import LanguageModel
-from rnnlm.sources import NotUtf8Error, list_source_files
 
 SPLIT_LABELS = {"val": "validation", "test": "test"}
 

@@ -2,7 +2,7 @@
 
 A window's loop is T small steps of a few ops each. Run from Python, every op pays the
 interpreter's dispatch and holds the GIL between ops, so two batch shards on two threads
-(`rnnlm.shards`) mostly wait for each other. A TorchScript function runs the whole loop in
+(`rnnlm.training.step`) mostly wait for each other. A TorchScript function runs the whole loop in
 C++ with the GIL released: the shards then truly run side by side, one per core, and each op
 costs less. The loops use only `out=` and in-place ops, which TorchScript runs as written (no
 fusion), so the numbers are the same as the Python loop's, bit for bit.

@@ -1,9 +1,5 @@
-"""The training loop: D2L's train_epoch_ch8 semantics, metrics, predictions.
-
-Step order, always: zero_grad -> forward -> loss -> backward -> clip (norm recorded) -> step.
-Per-batch numbers stay on the device as tensors and are read once per epoch, so no host
-sync happens inside the loop.
-"""
+"""A whole training run around train_epoch: set up, resume, epochs, evaluation, the best
+weights, checkpoints, predictions and the test split."""
 
 from __future__ import annotations
 
@@ -14,17 +10,14 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from rnnlm import distributed, native_cells
-from rnnlm.averaging import WeightAverage
+from rnnlm.bptt.truncation import Truncation, variable_length_of
 from rnnlm.checkpoint import (
     atomic_save,
     claim_out_dir,
@@ -35,16 +28,19 @@ from rnnlm.checkpoint import (
     tracked_metric,
 )
 from rnnlm.config import Config, ConfigError, cell_kernel_applies, dump_yaml
-from rnnlm.data import PREPROCESSORS, Corpus, load_corpus
-from rnnlm.diagnostics_report import DiagnosticsRecorder
-from rnnlm.evaluate import BestWeights, evaluate
-from rnnlm.interrupts import StopRequest, TrainingInterrupted, stop_on_signals
-from rnnlm.iterators import BatchIterator
-from rnnlm.models import LanguageModel, build_model, detach_state
-from rnnlm.sampling import predict_greedy
-from rnnlm.schedules import EarlyStopping, LRSchedule
-from rnnlm.shards import ShardedForwardBackward, forward_backward, resolve_batch_shards
-from rnnlm.truncation import Truncation, variable_length_of
+from rnnlm.data.corpus import PREPROCESSORS, Corpus, load_corpus
+from rnnlm.data.iterators import BatchIterator
+from rnnlm.diagnostics.report import DiagnosticsRecorder
+from rnnlm.evaluation.evaluate import BestWeights, evaluate
+from rnnlm.evaluation.sampling import predict_greedy
+from rnnlm.kernels import native
+from rnnlm.models import LanguageModel, build_model
+from rnnlm.training import distributed
+from rnnlm.training.averaging import WeightAverage
+from rnnlm.training.epoch import EpochProgress, train_epoch
+from rnnlm.training.interrupts import StopRequest, TrainingInterrupted, stop_on_signals
+from rnnlm.training.schedules import EarlyStopping, LRSchedule
+from rnnlm.training.step import ShardedForwardBackward, forward_backward, resolve_batch_shards
 
 
 def resolve_device(name: str) -> torch.device:
@@ -97,158 +93,6 @@ def make_optimizer(cfg: Config, model: LanguageModel) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def clip_gradients(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
-    """D2L's grad_clipping (scale by max_norm / norm when norm > max_norm) without a host
-    sync: the factor min(1, max_norm / norm) is applied always; x * 1.0 == x exactly.
-    Returns the pre-clip global L2 norm as a 0-d tensor."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    if max_norm is not None:
-        torch._foreach_mul_(grads, (max_norm / norm).clamp(max=1.0))
-    return norm
-
-
-def perplexity(mean_loss: float) -> float:
-    return math.exp(min(mean_loss, 700.0))  # exp overflows past ~709
-
-
-@dataclass
-class EpochProgress:
-    """An epoch's running totals after `batches` batches: what a checkpoint taken in the
-    middle of an epoch needs to finish it exactly as an uninterrupted run would.
-
-    Totals are over all ranks, and `state` holds every lane of the global batch; under DDP
-    rank 0 resumes with the loss and token totals and the other ranks with zero, since
-    train_epoch sums them over the ranks at the end."""
-    batches: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    loss_sum: float = 0.0  # float64 sums as Python floats: they round-trip exactly
-    norm_sum: float = 0.0
-    clipped: float = 0.0
-    state: tuple | None = None  # the hidden state carried into the next batch (sequential)
-
-    def to_dict(self) -> dict:
-        fields = dict(vars(self))
-        fields["state"] = None if self.state is None else [s.detach() for s in self.state]
-        return fields
-
-    @classmethod
-    def from_dict(cls, fields: dict, device: torch.device,
-                  ctx: distributed.DistContext) -> EpochProgress:
-        progress = cls(**fields)
-        if progress.state is not None:
-            state = tuple(s.to(device) for s in progress.state)
-            progress.state = distributed.shard_lanes(state, ctx) if ctx.enabled else state
-        if not ctx.is_main:
-            progress.loss_sum, progress.tokens = 0.0, 0
-        return progress
-
-
-@dataclass
-class EpochResult:
-    loss: float  # mean cross-entropy per predicted token (nats)
-    tokens: int
-    seconds: float
-    grad_norm: float  # mean pre-clip global norm over the epoch's batches
-    clipped_frac: float  # fraction of batches whose gradient was scaled down
-    batches: int
-    progress: EpochProgress | None = None  # the totals behind these numbers
-    complete: bool = True  # False when a stop request ended the epoch early
-
-    @property
-    def ppl(self) -> float:
-        return perplexity(self.loss)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / max(self.seconds, 1e-9)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | None,
-                carry_state: bool, device: torch.device,
-                step=forward_backward, start: EpochProgress | None = None,
-                stop: distributed.StopAgreement | None = None,
-                truncation: Truncation | None = None, epoch: int = 0,
-                on_step: Callable[[], None] | None = None) -> EpochResult:
-    """One pass over the data, D2L's train_epoch_ch8.
-
-    carry_state=True (sequential iteration): the state is created at the first batch,
-    carried across batches and detached at every boundary (regular truncated BPTT).
-    carry_state=False (random iteration): a fresh state for every batch.
-    `step` computes the loss and the gradients of one batch (shards.py).
-    Under DDP `model` is the wrapped model and `batches` this rank's share; the returned
-    loss, tokens and time are totals over all ranks (the same on every rank).
-    `start` continues an epoch that a checkpoint stopped part way (`batches` must then
-    begin at batch `start.batches`). When `stop` says so after a batch (on every rank at
-    the same batch), the epoch ends early with complete=False.
-    truncation (rnnlm.truncation): randomized xi per batch, or the learning rate scaled by
-    the window length (variable_length); None is regular truncation. xi is seeded by
-    (seed, epoch, batch index), so every rank and a resumed epoch draw the same.
-    on_step, when given, runs after every optimizer step (e.g. to update a weight average).
-    """
-    model.train()
-    core = distributed.unwrap(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    start = start or EpochProgress()
-    loss_sum = torch.tensor(start.loss_sum, device=device, dtype=torch.float64)
-    norm_sum = torch.tensor(start.norm_sum, device=device, dtype=torch.float64)
-    clipped = torch.tensor(start.clipped, device=device, dtype=torch.float64)
-    tokens, num_batches, state = start.tokens, start.batches, start.state
-    stopped = False
-    distributed.barrier()
-    synchronize(device)
-    begin = time.perf_counter()
-    truncation = truncation or Truncation("regular", 1, 0)
-    dtype = params[0].dtype
-    for b, (X, Y) in enumerate(batches, start=start.batches):
-        if stop is not None:
-            stop.begin_step()  # overlaps the ranks' agreement with this batch's compute
-        X, Y = X.to(device, non_blocking=True), Y.to(device, non_blocking=True)
-        if state is None or not carry_state:
-            state = core.begin_state(X.shape[0])  # local lanes
-        else:
-            state = detach_state(state)
-        xi = truncation.xi(epoch, b, X.shape[1], device, dtype)
-        optimizer.zero_grad(set_to_none=True)
-        loss, state = step(model, X, Y, state, xi)
-        norm = clip_gradients(params, clip_norm)
-        with truncation.scaled_lr(optimizer, X.shape[1]):
-            optimizer.step()
-            if on_step is not None:
-                on_step()
-        n = Y.numel()
-        loss_sum += loss.detach() * n
-        norm_sum += norm.detach()
-        if clip_norm is not None:
-            clipped += (norm > clip_norm).to(clipped.dtype)
-        tokens += n
-        num_batches += 1
-        if stop is not None and stop.should_stop():
-            stopped = True
-            break
-    synchronize(device)
-    seconds = start.seconds + distributed.max_across_ranks(time.perf_counter() - begin, device)
-    if num_batches == 0:
-        raise RuntimeError("the iterator yielded no batch")  # prevented by check_corpus_length
-    # The gradient norm and clipping need no reduction: DDP averaged the gradients, so
-    # every rank clipped the same global gradient. Loss and tokens are per-rank sums.
-    loss_total, tokens = distributed.sum_across_ranks(
-        torch.stack([loss_sum, loss_sum.new_tensor(tokens)])).tolist()
-    tokens = int(tokens)
-    progress = EpochProgress(num_batches, tokens, seconds, loss_total, norm_sum.item(),
-                             clipped.item(), state if carry_state else None)
-    return EpochResult(loss=loss_total / tokens, tokens=tokens, seconds=seconds,
-                       grad_norm=progress.norm_sum / num_batches,
-                       clipped_frac=progress.clipped / num_batches, batches=num_batches,
-                       progress=progress, complete=not stopped)
-
-
 def prefix_ids(corpus: Corpus, prefix: str) -> list[int]:
     """The prefix through the corpus' own preprocessing; unknown characters map to <unk>."""
     text = PREPROCESSORS[corpus.preprocess](prefix)
@@ -298,7 +142,7 @@ def train(cfg: Config, quiet: bool = False, out=sys.stdout, resume: dict | None 
     SIGINT/SIGTERM stop the run after the current batch, write last.pt and raise
     TrainingInterrupted; pass `stop` to control stopping yourself (no handlers installed).
 
-    Under torchrun this process is one rank of a data-parallel job (rnnlm.distributed);
+    Under torchrun this process is one rank of a data-parallel job (rnnlm.training.distributed);
     alone it is the whole job."""
     ctx = distributed.context_from_env()
     distributed.check_config(cfg, ctx)
@@ -316,7 +160,7 @@ def train(cfg: Config, quiet: bool = False, out=sys.stdout, resume: dict | None 
 def plot_perplexity(records: list[dict], path: Path, title: str) -> None:
     """plots.plot_perplexity, imported at the first drawing: matplotlib takes about 0.5 s to
     import, which sample.py (it imports this module) and every config error would pay."""
-    from rnnlm import plots
+    from rnnlm.training import plots
 
     plots.plot_perplexity(records, path, title)
 
@@ -331,7 +175,7 @@ def check_cell_kernel(cfg: Config, device: torch.device) -> None:
         raise ConfigError(f"model.cell_kernel: c runs on the CPU, this run is on {device.type}: "
                           "use model.cell_kernel=auto")
     # the scratch RNN has only the whole-window C loop
-    reason = native_cells.unavailable_reason(whole_windows=cfg.model.kind == "rnn_scratch") \
+    reason = native.unavailable_reason(whole_windows=cfg.model.kind == "rnn_scratch") \
         if device.type == "cpu" else None
     if reason and kernel == "c":
         raise ConfigError(f"model.cell_kernel: c cannot be used here: {reason}; use "
@@ -399,7 +243,7 @@ def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device
     # After the weights are loaded: the graphed copy and DDP start from the same values.
     train_model = model
     if graphed:
-        from rnnlm.cuda_graphs import GraphedModel
+        from rnnlm.training.cuda_graphs import GraphedModel
         train_model = GraphedModel(model, batches.local_batch, cfg.data.num_steps)
     if cfg.train.compile:  # shares the parameters: evaluation, sampling and saving use `model`
         train_model = torch.compile(model)

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from rnnlm.config import DataConfig
-from rnnlm.sources import DataError, content_hash, list_source_files
-from rnnlm.splits import Splits, check_heldout_lengths, split_ids
-from rnnlm.tokens import (
+from rnnlm.data.sources import DataError, content_hash, list_source_files
+from rnnlm.data.splits import Splits, check_heldout_lengths, split_ids
+from rnnlm.data.tokens import (
     CACHE_FORMAT,
     ChangedWhileReading,
     CharCounts,

@@ -38,7 +38,7 @@ def forward_backward(model: LanguageModel, X, Y, state: State,
                      xi: torch.Tensor | None = None,
                      precision: str = "fp32") -> tuple[torch.Tensor, State]:
     """One batch on one thread: loss (0-d, still attached) and the next state; grads in .grad.
-    xi: randomized truncation's multipliers (rnnlm.truncation), passed only when drawn.
+    xi: randomized truncation's multipliers (rnnlm.bptt.truncation), passed only when drawn.
     precision bf16 autocasts the forward pass; the backward follows the forward's dtypes
     (autocast is not meant to wrap it) and the carried state goes back to fp32."""
     dtype = state[0].dtype

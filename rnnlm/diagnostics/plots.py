@@ -1,4 +1,4 @@
-"""Plots of the gradient-flow diagnostics (rnnlm.diagnostics), drawn with matplotlib's Agg
+"""Plots of the gradient-flow diagnostics (rnnlm.diagnostics.gradients), drawn with matplotlib's Agg
 backend (no display needed).
 
 A run trained with ``train.diagnostics: true`` (or measured by ``diagnose.py``) holds

@@ -8,7 +8,8 @@ import torch
 
 from rnnlm.config import config_from_dict, load_config
 from rnnlm.models import MODEL_KINDS, build_model, detach_state
-from rnnlm.trainer import clip_gradients, train, train_epoch
+from rnnlm.training.epoch import clip_gradients, train_epoch
+from rnnlm.training.run import train
 from tests.conftest import ROOT
 
 

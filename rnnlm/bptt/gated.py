@@ -11,7 +11,7 @@ makes it fast on a CPU, where each step's matmul is small:
   W_hh (a transposed view is ~1.7x slower on MKL at these shapes);
 * dW_hh is one (G*H, T*B) @ (T*B, H) GEMM for the window, not T small ones.
 
-On a CPU in float32 the loops run in C instead (native_cells.py, model.cell_kernel): the whole
+On a CPU in float32 the loops run in C instead (native.py, model.cell_kernel): the whole
 window with MKL's GEMM called from C where PyTorch's MKL can be reached, else one C call for
 each step's elementwise part; the TorchScript loops here are the reference and the fallback.
 
@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from rnnlm import native_cells
-from rnnlm.scripting import scripted
+from rnnlm.kernels import native
+from rnnlm.kernels.scripting import scripted
 
 
 def _check_xi(xi, like: torch.Tensor):
@@ -157,8 +157,8 @@ class LSTMWindow(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xw, h0, c0, W_hh, xi, cell_kernel):
-        ctx.native = native_cells.usable_for(cell_kernel, xw, xi)
-        loop = native_cells.lstm_forward_loop if ctx.native else _lstm_forward_loop
+        ctx.native = native.usable_for(cell_kernel, xw, xi)
+        loop = native.lstm_forward_loop if ctx.native else _lstm_forward_loop
         hbuf, cbuf, acts, tanh_c = loop(xw, h0, c0, W_hh)
         ctx.save_for_backward(hbuf, cbuf, acts, tanh_c, W_hh,
                               *(() if xi is None else (_check_xi(xi, xw),)))
@@ -174,7 +174,7 @@ class LSTMWindow(torch.autograd.Function):
         H = G // 4
         dc = dcT.clone() if dcT is not None else hbuf.new_zeros((B, H))
         if ctx.native:
-            dgates, dc = native_cells.lstm_backward_loop(dhs, dc, hbuf, cbuf, acts, tanh_c,
+            dgates, dc = native.lstm_backward_loop(dhs, dc, hbuf, cbuf, acts, tanh_c,
                                                          W_hh)
         else:
             dgates, dc = _lstm_backward_loop(dhs, dc, hbuf, cbuf, acts, tanh_c, W_hh, xi)
@@ -191,8 +191,8 @@ class GRUWindow(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xw, h0, W_hh, b_hh, xi, cell_kernel):
-        ctx.native = native_cells.usable_for(cell_kernel, xw, xi)
-        loop = native_cells.gru_forward_loop if ctx.native else _gru_forward_loop
+        ctx.native = native.usable_for(cell_kernel, xw, xi)
+        loop = native.gru_forward_loop if ctx.native else _gru_forward_loop
         hbuf, gh, rz, n = loop(xw, h0, W_hh, b_hh)
         ctx.save_for_backward(hbuf, gh, rz, n, W_hh,
                               *(() if xi is None else (_check_xi(xi, xw),)))
@@ -208,7 +208,7 @@ class GRUWindow(torch.autograd.Function):
         H = G // 3
         z = rz[..., H:]
         if ctx.native:
-            dxw, dgh, dh_all = native_cells.gru_backward_loop(dhs, hbuf, gh, rz, n, W_hh)
+            dxw, dgh, dh_all = native.gru_backward_loop(dhs, hbuf, gh, rz, n, W_hh)
         else:
             dxw, dgh, dh_all = _gru_backward_window(dhs, hbuf, gh, rz, n, W_hh, xi)
         dh0 = torch.addcmul(dgh[0] @ W_hh, z[0], dh_all[0])
@@ -236,7 +236,7 @@ def _gru_backward_window(dhs, hbuf, gh, rz, n, W_hh, xi):
 
 def lstm_window(xw, h0, c0, W_hh, xi=None, cell_kernel="auto"):
     """All hidden states (T, B, H) and the final cell state of one LSTM layer.
-    cell_kernel: model.cell_kernel (auto | c | torch), see native_cells.usable_for."""
+    cell_kernel: model.cell_kernel (auto | c | torch), see native.usable_for."""
     return LSTMWindow.apply(xw, h0, c0, W_hh, xi, cell_kernel)
 
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from rnnlm.config import ConfigError
-from rnnlm.data import PREPROCESSORS, Vocab
-from rnnlm.decoding import make_decoder
+from rnnlm.data.corpus import PREPROCESSORS, Vocab
 from rnnlm.models import LanguageModel
+from rnnlm.models.decoding import make_decoder
 
 Picker = Callable[[torch.Tensor], torch.Tensor]  # logits (N, V) -> ids (N,)
 

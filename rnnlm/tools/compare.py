@@ -28,7 +28,7 @@ import yaml
 
 from rnnlm.config import ConfigError, load_config
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"
 METRICS = [  # (key, column title, digits)
     ("final_train_ppl", "final train ppl", 3),
     ("best_val_ppl", "best val ppl", 3),
@@ -251,7 +251,9 @@ def mean_curves(runs: list[RunResult]) -> list[dict]:
 
 
 def write_outputs(out_dir: Path, variants, results, config, varies, sets) -> None:
-    from rnnlm.plots import plot_comparison  # matplotlib only once there is something to draw
+    from rnnlm.training.plots import (
+        plot_comparison,  # matplotlib only once there is something to draw
+    )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = sorted({r.seed for r in results})

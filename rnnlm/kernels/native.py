@@ -1,7 +1,7 @@
 """RNN, LSTM and GRU window loops in C: each step's elementwise work in one call, and, where
 PyTorch's MKL can be reached, the whole loop with its recurrent matmuls.
 
-`rnnlm/native/cells.c` fuses what a gated step does besides its recurrent matmul (gate
+`rnnlm/kernels/cells.c` fuses what a gated step does besides its recurrent matmul (gate
 nonlinearities, state update, gate derivatives) into one pass over memory. It is compiled on
 first use with the system's C compiler (`cc`, well under a second) into a cache folder
 (RNNLM_NATIVE_CACHE, default ~/.cache/rnnlm/native), keyed by the source, the flags and the
@@ -14,7 +14,7 @@ Function; the backward loops also compute each gate's derivative factors step by
 gated_bptt does for the whole window in separate tensor ops (memory-bound passes over
 (T, B, H) arrays that cost the GRU as much as its matmuls). They take float32 CPU tensors and
 no randomized-truncation xi. Results match the TorchScript loops to float32 rounding (cells.c
-computes exp itself, to ~1e-7 relative error): tests/test_native_cells.py.
+computes exp itself, to ~1e-7 relative error): tests/test_native.py.
 
 Whole windows (`windows_available()`): the step loop itself also runs in C, calling the
 single-precision GEMM of the MKL inside PyTorch's x86-64 builds, whose entry points are
@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("native") / "cells.c"
+SOURCE = Path(__file__).with_name("cells.c")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno")
 # Tried first, dropped if the compiler refuses them. x86: let the loops use 512-bit vectors
 # where the CPU has them (GCC and Clang default to 256 bits); the LSTM forward step measured
@@ -235,7 +235,7 @@ def _whole(whole_window: bool | None) -> bool:
 
 def lstm_forward_loop(xw: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
                       W_hh: torch.Tensor, whole_window: bool | None = None):
-    """As gated_bptt._lstm_forward_loop: [h0..hT], [c0..cT], gate activations, tanh(c_t).
+    """As gated._lstm_forward_loop: [h0..hT], [c0..cT], gate activations, tanh(c_t).
     whole_window: the loop in C (default where windows_available()) or in Python."""
     T, B, G = xw.shape
     H = G // 4
@@ -264,7 +264,7 @@ def lstm_forward_loop(xw: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
 def lstm_backward_loop(dhs: torch.Tensor, dc: torch.Tensor, hbuf: torch.Tensor,
                        cbuf: torch.Tensor, acts: torch.Tensor, tanh_c: torch.Tensor,
                        W_hh: torch.Tensor, whole_window: bool | None = None):
-    """As gated_bptt._lstm_backward_loop without xi: d gates (T, B, 4H) and dL/dc_0."""
+    """As gated._lstm_backward_loop without xi: d gates (T, B, 4H) and dL/dc_0."""
     T, B, G = acts.shape
     H = G // 4
     dc = dc.contiguous()
@@ -289,7 +289,7 @@ def lstm_backward_loop(dhs: torch.Tensor, dc: torch.Tensor, hbuf: torch.Tensor,
 
 def gru_forward_loop(xw: torch.Tensor, h0: torch.Tensor, W_hh: torch.Tensor,
                      b_hh: torch.Tensor, whole_window: bool | None = None):
-    """As gated_bptt._gru_forward_loop: [h0..hT], W_hh h_{t-1} + b_hh, r|z, n."""
+    """As gated._gru_forward_loop: [h0..hT], W_hh h_{t-1} + b_hh, r|z, n."""
     T, B, G = xw.shape
     H = G // 3
     xw = xw.contiguous()

@@ -343,7 +343,7 @@ void rnn_backward_window(const float *W_hh, float *dA, const float *hs, int64_t 
     }
 }
 
-/* For the benchmark's matmul roofline (rnnlm/bench.py): the recurrent products of one window
+/* For the benchmark's matmul roofline (rnnlm/tools/bench.py): the recurrent products of one window
  * the way the window loops above compute them, `steps` forward (B, H) @ packed (H, G) and
  * `steps` backward (B, G) @ (G, H), without the cells. */
 void recurrent_products(const float *W_t_packed, const float *h, float *out_f, const float *W_b,

@@ -1,4 +1,4 @@
-"""The C kernels (rnnlm/native/cells.c via native_cells.py: per-step cell kernels and whole
+"""The C kernels (rnnlm/kernels/cells.c via native.py: per-step cell kernels and whole
 window loops) against the TorchScript loops they replace, the models and trainer that use
 them, and what happens without a compiler or without PyTorch's MKL."""
 
@@ -9,14 +9,15 @@ import platform
 import pytest
 import torch
 
-from rnnlm import bptt, gated_bptt, native_cells
+from rnnlm.bptt import gated, rnn
 from rnnlm.config import ConfigError, load_config
+from rnnlm.kernels import native
 from rnnlm.models import build_model
-from rnnlm.trainer import check_cell_kernel
+from rnnlm.training.run import check_cell_kernel
 
-needs_native = pytest.mark.skipif(not native_cells.available(),
+needs_native = pytest.mark.skipif(not native.available(),
                                   reason=f"C kernels unavailable: "
-                                         f"{native_cells.unavailable_reason()}")
+                                         f"{native.unavailable_reason()}")
 
 
 def weight_scale(H: int) -> float:
@@ -31,9 +32,9 @@ def assert_close(actual, expected, tol=2e-6):
     assert float((actual - expected).detach().abs().max()) <= tol * scale
 
 
-needs_windows = pytest.mark.skipif(not native_cells.windows_available(),
+needs_windows = pytest.mark.skipif(not native.windows_available(),
                                    reason=f"C window loops unavailable: "
-                                          f"{native_cells.window_unavailable_reason()}")
+                                          f"{native.window_unavailable_reason()}")
 # the loop in Python with a C call per step, and (where torch's MKL is found) the whole loop
 # in C; vector tails and one lane among the shapes
 WHOLE_WINDOW = [False, pytest.param(True, marks=needs_windows)]
@@ -47,13 +48,13 @@ def test_lstm_loops_match_torchscript(B, H, whole_window):
     T = 6
     xw, h0, c0 = torch.randn(T, B, 4 * H) * 2, torch.randn(B, H), torch.randn(B, H)
     W = torch.randn(4 * H, H) * weight_scale(H)
-    expected = gated_bptt._lstm_forward_loop(xw, h0, c0, W)
-    actual = native_cells.lstm_forward_loop(xw, h0, c0, W, whole_window)
+    expected = gated._lstm_forward_loop(xw, h0, c0, W)
+    actual = native.lstm_forward_loop(xw, h0, c0, W, whole_window)
     for a, e in zip(actual, expected):
         assert_close(a, e)
     dhs, dc = torch.randn(T, B, H), torch.randn(B, H)
-    expected = gated_bptt._lstm_backward_loop(dhs, dc.clone(), *expected, W, None)
-    actual = native_cells.lstm_backward_loop(dhs, dc.clone(), *actual, W, whole_window)
+    expected = gated._lstm_backward_loop(dhs, dc.clone(), *expected, W, None)
+    actual = native.lstm_backward_loop(dhs, dc.clone(), *actual, W, whole_window)
     for a, e in zip(actual, expected):
         assert_close(a, e, tol=1e-5)
 
@@ -66,13 +67,13 @@ def test_gru_loops_match_torchscript(B, H, whole_window):
     T = 6
     xw, h0 = torch.randn(T, B, 3 * H) * 2, torch.randn(B, H)
     W, b = torch.randn(3 * H, H) * weight_scale(H), torch.randn(3 * H)
-    expected = gated_bptt._gru_forward_loop(xw, h0, W, b)
-    actual = native_cells.gru_forward_loop(xw, h0, W, b, whole_window)
+    expected = gated._gru_forward_loop(xw, h0, W, b)
+    actual = native.gru_forward_loop(xw, h0, W, b, whole_window)
     for a, e in zip(actual, expected):
         assert_close(a, e)
     dhs = torch.randn(T, B, H)
-    expected = gated_bptt._gru_backward_window(dhs, *expected, W, None)
-    for a, e in zip(native_cells.gru_backward_loop(dhs, *actual, W, whole_window), expected):
+    expected = gated._gru_backward_window(dhs, *expected, W, None)
+    for a, e in zip(native.gru_backward_loop(dhs, *actual, W, whole_window), expected):
         assert_close(a, e, tol=1e-5)
 
 
@@ -83,34 +84,34 @@ def test_rnn_loops_match_torchscript(B, H, tanh):
     torch.manual_seed(B * H + tanh)
     T = 6
     xw, h0, W = torch.randn(T, B, H) * 2, torch.randn(B, H), torch.randn(H, H) * weight_scale(H)
-    expected = bptt._rnn_forward_loop(xw, h0, W, tanh)
-    actual = native_cells.rnn_forward_loop(xw, h0, W, tanh)
+    expected = rnn._rnn_forward_loop(xw, h0, W, tanh)
+    actual = native.rnn_forward_loop(xw, h0, W, tanh)
     assert_close(actual, expected)
     dhs = torch.randn(T, B, H)
-    assert_close(native_cells.rnn_backward_loop(actual, dhs, W, tanh),
-                 bptt._rnn_backward_loop(expected, dhs, W, tanh, None), tol=1e-5)
+    assert_close(native.rnn_backward_loop(actual, dhs, W, tanh),
+                 rnn._rnn_backward_loop(expected, dhs, W, tanh, None), tol=1e-5)
 
 
 def test_without_torchs_mkl_the_per_step_loops_run(monkeypatch):
     """No sgemm to call from C (another BLAS, another OS): the windows are refused with the
     reason, the gated models fall back to a C call per step and the RNN to TorchScript, and
     both still compute the same model."""
-    monkeypatch.setattr(native_cells, "BLAS_SYMBOLS", ("no_such_sgemm",))
-    native_cells.forget()
+    monkeypatch.setattr(native, "BLAS_SYMBOLS", ("no_such_sgemm",))
+    native.forget()
     try:
-        assert not native_cells.windows_available()
-        assert "no MKL sgemm" in native_cells.window_unavailable_reason()
-        with pytest.raises(native_cells.NativeUnavailable, match="no MKL sgemm"):
-            native_cells.rnn_forward_loop(torch.zeros(2, 1, 3), torch.zeros(1, 3),
+        assert not native.windows_available()
+        assert "no MKL sgemm" in native.window_unavailable_reason()
+        with pytest.raises(native.NativeUnavailable, match="no MKL sgemm"):
+            native.rnn_forward_loop(torch.zeros(2, 1, 3), torch.zeros(1, 3),
                                           torch.zeros(3, 3), True)
         c = load_config(None, ["model.kind=rnn_scratch", "model.cell_kernel=c"])
-        if native_cells.available():
+        if native.available():
             with pytest.raises(ConfigError, match="c cannot be used here: no MKL sgemm"):
                 check_cell_kernel(c, torch.device("cpu"))
         for kind in ("rnn_scratch", "gru_scratch", "lstm_scratch"):
             _assert_kernels_agree(kind)
     finally:
-        native_cells.forget()
+        native.forget()
 
 
 @needs_native
@@ -120,7 +121,7 @@ def test_gate_functions_over_their_whole_range():
     H = 4096 // 4
     x = torch.linspace(-100, 100, 4 * H).reshape(1, 1, 4 * H)
     zeros = torch.zeros(1, H)
-    _, cbuf, acts, tanh_c = native_cells.lstm_forward_loop(x, zeros, zeros,
+    _, cbuf, acts, tanh_c = native.lstm_forward_loop(x, zeros, zeros,
                                                             torch.zeros(4 * H, H))
     gates = x[0, 0]
     expected = torch.cat([torch.sigmoid(gates[:2 * H]), torch.tanh(gates[2 * H: 3 * H]),
@@ -134,9 +135,9 @@ def test_windows_are_found_where_torch_has_mkl():
     """On Linux x86-64 PyTorch ships MKL with these symbols: not finding them there is a bug
     (the window tests above would otherwise skip and leave the suite green)."""
     if not (platform.system() == "Linux" and platform.machine() == "x86_64"
-            and torch.backends.mkl.is_available() and native_cells.available()):
+            and torch.backends.mkl.is_available() and native.available()):
         pytest.skip("only PyTorch's Linux x86-64 builds are known to export MKL's sgemm")
-    assert native_cells.windows_available(), native_cells.window_unavailable_reason()
+    assert native.windows_available(), native.window_unavailable_reason()
 
 
 @needs_native
@@ -148,20 +149,20 @@ def test_model_gradients_match_tensor_ops(kind, weight_dropout, monkeypatch):
     without DropConnect on W_hh); the C side did run its loops, forward and backward, as
     whole windows where they are available."""
     cell = kind.split("_")[0]
-    if cell == "rnn" and not native_cells.windows_available():
+    if cell == "rnn" and not native.windows_available():
         pytest.skip("the scratch RNN's C loop needs torch's MKL")
     calls = []
     for way in ("forward", "backward"):
         name = f"{cell}_{way}_loop"
-        original = getattr(native_cells, name)
-        monkeypatch.setattr(native_cells, name,
+        original = getattr(native, name)
+        monkeypatch.setattr(native, name,
                             lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
-    window_library = native_cells.window_library
-    monkeypatch.setattr(native_cells, "window_library",
+    window_library = native.window_library
+    monkeypatch.setattr(native, "window_library",
                         lambda: calls.append("window") or window_library())
     _assert_kernels_agree(kind, weight_dropout)
     expected = [f"{cell}_backward_loop", f"{cell}_forward_loop"]
-    if native_cells.windows_available():
+    if native.windows_available():
         expected.append("window")
     assert sorted(set(calls)) == expected
 
@@ -193,11 +194,11 @@ def _assert_kernels_agree(kind: str, weight_dropout: float = 0.0):
 
 def test_usable_for_follows_the_setting():
     f32, f64 = torch.zeros(1), torch.zeros(1, dtype=torch.float64)
-    assert not native_cells.usable_for("torch", f32, None)
+    assert not native.usable_for("torch", f32, None)
     for kernel in ("auto", "c"):  # "c" is enforced before training, not per window
-        assert not native_cells.usable_for(kernel, f64, None)  # float64 runs tensor ops
-        assert not native_cells.usable_for(kernel, f32, torch.ones(3))  # randomized trunc.
-        assert native_cells.usable_for(kernel, f32, None) == native_cells.available()
+        assert not native.usable_for(kernel, f64, None)  # float64 runs tensor ops
+        assert not native.usable_for(kernel, f32, torch.ones(3))  # randomized trunc.
+        assert native.usable_for(kernel, f32, None) == native.available()
 
 
 @needs_native
@@ -218,16 +219,16 @@ def test_a_c_checkpoint_evaluates_in_float64():
 
 @pytest.fixture
 def no_compiler(monkeypatch):
-    monkeypatch.setattr(native_cells, "find_compiler", lambda: None)
-    native_cells.forget()
+    monkeypatch.setattr(native, "find_compiler", lambda: None)
+    native.forget()
     yield
-    native_cells.forget()
+    native.forget()
 
 
 def test_without_a_compiler_auto_falls_back_and_c_is_refused(no_compiler, capsys):
-    assert not native_cells.available()
-    assert "no C compiler" in native_cells.unavailable_reason()
-    assert not native_cells.usable_for("auto", torch.zeros(1), None)
+    assert not native.available()
+    assert "no C compiler" in native.unavailable_reason()
+    assert not native.usable_for("auto", torch.zeros(1), None)
     cfg = load_config(None, ["model.kind=lstm_scratch", "model.cell_kernel=c"])
     with pytest.raises(ConfigError, match="model.cell_kernel: c cannot be used here: no C"):
         check_cell_kernel(cfg, torch.device("cpu"))
@@ -245,16 +246,16 @@ def test_without_a_compiler_auto_falls_back_and_c_is_refused(no_compiler, capsys
 def test_a_failing_build_is_reported(monkeypatch, tmp_path):
     bad = tmp_path / "cells.c"
     bad.write_text("this is not C\n")
-    monkeypatch.setattr(native_cells, "SOURCE", bad)
-    native_cells.forget()
+    monkeypatch.setattr(native, "SOURCE", bad)
+    native.forget()
     try:
-        if native_cells.find_compiler() is None:
+        if native.find_compiler() is None:
             pytest.skip("no C compiler here")
-        assert native_cells.unavailable_reason().startswith("building cells.c failed")
-        assert not native_cells.windows_available()
+        assert native.unavailable_reason().startswith("building cells.c failed")
+        assert not native.windows_available()
         assert not list(tmp_path.glob("*.so"))
     finally:
-        native_cells.forget()
+        native.forget()
 
 
 def test_c_on_a_gpu_is_refused():
@@ -286,6 +287,6 @@ def test_the_roofline_products_are_the_loops_products():
     B, H, G, steps = 3, 8, 32, 4
     h, W, dgates = torch.randn(B, H), torch.randn(G, H), torch.randn(B, G)
     out_f, out_b = torch.zeros(B, G), torch.zeros(B, H)
-    native_cells.recurrent_products(h, W, out_f, dgates, out_b, steps)
+    native.recurrent_products(h, W, out_f, dgates, out_b, steps)
     assert_close(out_f, steps * (h @ W.t()), tol=1e-5)
     assert_close(out_b, steps * (dgates @ W), tol=1e-5)

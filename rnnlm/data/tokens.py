@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rnnlm.sources import iter_line_blocks
+from rnnlm.data.sources import iter_line_blocks
 
 CACHE_FORMAT = 1
 MAX_CODE_POINT = 0x10FFFF
