@@ -1,55 +1,10 @@
-"""Gradient-flow diagnostics: measure a checkpoint, or draw figures from diagnosed runs.
+"""Gradient-flow diagnostics of a checkpoint, or figures from diagnosed runs: python
+diagnose.py --checkpoint PATH | --figure NAME --runs DIR ... --out PNG (the `rnnlm diagnose`
+command; its code is rnnlm/commands/diagnose.py)."""
 
-  python diagnose.py --checkpoint out_dir/last.pt [--out DIR] [--set key=value ...]
-  python diagnose.py --figure gradients|eigenvalues|truncation --runs DIR [DIR ...] --out PNG
-"""
+from rnnlm.cli import run_main, script_main
 
-import argparse
-
-from rnnlm.cli import run_main
-
-FIGURES = ("gradients", "eigenvalues", "truncation")
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--checkpoint", metavar="PATH",
-                      help="measure this checkpoint: ||dL/dh_t|| against distance, the "
-                           "eigenvalues of W_hh, the truncation pattern")
-    what.add_argument("--figure", choices=FIGURES,
-                      help="draw runs trained with train.diagnostics=true side by side")
-    parser.add_argument("--runs", nargs="+", metavar="DIR", help="run folders for --figure")
-    parser.add_argument("--out", help="--checkpoint: output folder (default: "
-                                      "diagnose-NAME beside it); --figure: the PNG to write")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="--checkpoint: override its config, e.g. data.data_dir=data")
-    args = parser.parse_args()
-
-    from rnnlm.config import ConfigError
-
-    if args.checkpoint:
-        if args.runs:
-            raise ConfigError("--runs goes with --figure, not --checkpoint")
-        from rnnlm.diagnostics.report import diagnose_checkpoint, format_record
-
-        plot, record = diagnose_checkpoint(args.checkpoint, args.out, args.set)
-        print(format_record(record))
-        print(f"wrote {plot} and {plot.with_name('diagnostics.json')}")
-        return 0
-    if not args.runs or not args.out:
-        raise ConfigError(f"--figure {args.figure} needs --runs DIR [DIR ...] and --out FILE.png")
-    if not args.out.lower().endswith(".png"):
-        raise ConfigError(f"--out {args.out} must name a .png file")
-    from rnnlm.diagnostics import plots
-
-    runs = [plots.load_run(run) for run in args.runs]
-    draw = {"gradients": plots.plot_gradient_norms, "eigenvalues": plots.plot_eigenvalues,
-            "truncation": plots.plot_truncation_patterns}[args.figure]
-    print(f"wrote {draw(runs, args.out)}")
-    return 0
-
+main = script_main("diagnose")
 
 if __name__ == "__main__":
     run_main(main)

@@ -1,70 +1,10 @@
-"""Train a character-level recurrent language model: python train.py --config FILE,
-or continue a saved run: python train.py --resume OUT_DIR/last.pt."""
+"""Train a character-level recurrent language model: python train.py --config FILE, or
+continue a saved run: python train.py --resume OUT_DIR/last.pt (the `rnnlm train` command;
+its code is rnnlm/commands/train.py)."""
 
-import argparse
-import shlex
-import sys
+from rnnlm.cli import run_main, script_main
 
-from rnnlm.cli import run_main
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", help="YAML preset for a new run, e.g. configs/lstm.yaml")
-    parser.add_argument("--resume", metavar="CHECKPOINT",
-                        help="continue the run saved in this checkpoint (its config is used; "
-                             "--set still applies, e.g. --set train.epochs=800 to extend)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start a new run even if out_dir holds a checkpoint (deletes it)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.epochs=50 (repeatable)")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress bar or per-epoch lines, only the final summary")
-    args = parser.parse_args()
-    if (args.config is None) == (args.resume is None):
-        parser.error("give --config FILE for a new run or --resume CHECKPOINT to continue "
-                     "one (not both: on resume, change settings with --set)")
-
-    # after argparse, so --help is instant
-    from rnnlm.checkpoint import load_checkpoint, resume_config
-    from rnnlm.config import load_config
-    from rnnlm.training.auto_resume import plan as auto_resume_plan
-    from rnnlm.training.distributed import is_main_process
-    from rnnlm.training.interrupts import TrainingInterrupted
-    from rnnlm.training.run import train
-
-    try:
-        if args.resume:
-            ckpt = load_checkpoint(args.resume)
-            cfg = resume_config(ckpt, args.set, args.resume)
-            train(cfg, quiet=args.quiet, resume=ckpt, resume_path=args.resume,
-                  overwrite=args.overwrite)
-        else:
-            cfg = load_config(args.config, args.set)
-            overwrite, ckpt, ckpt_path = args.overwrite, None, None
-            if cfg.train.auto_resume:
-                plan = auto_resume_plan(cfg, args.overwrite)
-                if plan.done:
-                    if is_main_process():
-                        print(f"{plan.path} has already completed train.epochs="
-                              f"{cfg.train.epochs}: nothing left to train", file=sys.stderr)
-                    return 0
-                overwrite, ckpt, ckpt_path = plan.overwrite, plan.checkpoint, plan.path
-            train(cfg, quiet=args.quiet, overwrite=overwrite, resume=ckpt,
-                  resume_path=ckpt_path)
-    except TrainingInterrupted as stop:
-        if stop.checkpoint is not None:  # None on the other ranks of a DDP job
-            where = f"in epoch {stop.epoch + 1} after batch {stop.batch}" if stop.batch else \
-                f"at the end of epoch {stop.epoch}"
-            print(f"{stop.signal_name}: stopped {where}; saved {stop.checkpoint}\n"
-                  f"resume with: python train.py --resume {shlex.quote(str(stop.checkpoint))}",
-                  file=sys.stderr)
-        return stop.exit_code
-    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save yet
-        print("interrupted before training started; nothing was saved", file=sys.stderr)
-        return 130
-    return 0
-
+main = script_main("train")
 
 if __name__ == "__main__":
     run_main(main)

@@ -12,6 +12,7 @@ dicts, never a pickled class. It holds everything that rebuilds and resumes a ru
                                 and the epoch's running sums
     rng                         Python, NumPy, torch CPU (and CUDA / MPS when present) states
     best                        the tracked metric so far: {"metric", "value", "epoch"}
+                                (rnnlm.training.best)
     record                      the last completed epoch's metrics.jsonl record
     run_state                   what else the run carries between epochs: the LR schedule,
                                 the early-stopping count, the averaged (EMA) weights and the
@@ -329,30 +330,6 @@ def restore_rng(state: dict) -> None:
     if "mps" in state and getattr(torch.backends, "mps", None) \
             and torch.backends.mps.is_available():
         torch.mps.set_rng_state(state["mps"])
-
-
-# ---------------------------------------------------------------------------- best metric
-
-
-def tracked_metric(record: dict) -> tuple[str, float]:
-    """The number best.pt follows: validation perplexity when the epoch has one, else
-    training perplexity. Lower is better."""
-    if record.get("val_ppl") is not None:
-        return "val_ppl", float(record["val_ppl"])
-    return "train_ppl", float(record["train_ppl"])
-
-
-def improves(best: dict | None, record: dict) -> bool:
-    """Whether this epoch beats the best so far. Validation outranks training perplexity:
-    the first validated epoch always counts, and epochs without validation never beat it."""
-    name, value = tracked_metric(record)
-    if not np.isfinite(value):
-        return False
-    if best is None:
-        return True
-    if name != best["metric"]:
-        return name == "val_ppl"
-    return value < best["value"]
 
 
 # ---------------------------------------------------------------------------- the run

@@ -1,12 +1,68 @@
-"""Shared command-line plumbing: user errors become one line on stderr and exit code 2."""
+"""The `rnnlm` console command and what every entry point shares.
+
+`main` builds the `rnnlm` parser from the command modules of rnnlm.commands (one
+subcommand each) and runs the one asked for; `script_main` gives the top-level scripts
+(train.py, sample.py, ...) the same commands under their old names. `run_main` turns user
+errors into one line on stderr and exit code 2, and `leave` is how a torchrun worker exits.
+Nothing here imports torch, so that `--help` answers at once.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from rnnlm.config import ConfigError
+from rnnlm import __version__
+from rnnlm.commands import COMMANDS, Invocation, command, configure, run_parsed, run_script
+from rnnlm.errors import ConfigError
+
+DESCRIPTION = "Character-level recurrent language models, trained the D2L chapter-8 way."
+EPILOG = """Each command has its own options: {prog} COMMAND --help. The scripts train.py,
+sample.py, evaluate.py, compare.py, diagnose.py and bench.py run the same commands."""
+
+
+def build_parser(prog: str = "rnnlm") -> argparse.ArgumentParser:
+    """The `rnnlm` parser: one subparser per command, which it keeps as the default of
+    `_parser` (for the usage errors that the command finds after parsing)."""
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
+                                     epilog=EPILOG.format(prog=prog))
+    parser.add_argument("--version", action="version", version=f"rnnlm {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command",
+                                     required=True)
+    for name in COMMANDS:
+        module = command(name)
+        sub = commands.add_parser(name, help=module.SUMMARY)
+        configure(sub, module, Invocation.console(prog, name))
+        sub.set_defaults(_parser=sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "rnnlm") -> None:
+    """The `rnnlm` command: `rnnlm COMMAND [options]`, `prog` naming it in help texts and
+    hints ("rnnlm", or "python -m rnnlm"). Exits with the command's code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def run() -> int:
+        args = build_parser(prog).parse_args(argv)  # exits on --help, --version, bad usage
+        # Only --help and --version may come before the command: it is the first argument.
+        rest = argv[argv.index(args.command) + 1:]
+        return run_parsed(args._parser, command(args.command), args,
+                          Invocation.console(prog, args.command, rest))
+
+    run_main(run)
+
+
+def script_main(name: str) -> Callable[..., int]:
+    """`main(argv=None) -> int` of the top-level script `name`.py (argv: default the
+    process's arguments). A ConfigError propagates: run it through run_main."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        return run_script(name, argv)
+
+    main.__doc__ = f"The {name} command run as {name}.py; see rnnlm.commands.{name}."
+    return main
 
 
 def run_main(main: Callable[[], int | None]) -> None:

@@ -16,7 +16,6 @@ from rnnlm.checkpoint import (
     atomic_save,
     capture_rng,
     check_compatible,
-    improves,
     load_checkpoint,
     model_from_checkpoint,
     restore_rng,
@@ -24,7 +23,9 @@ from rnnlm.checkpoint import (
 )
 from rnnlm.config import ConfigError, config_from_dict, load_config
 from rnnlm.data.corpus import Vocab
-from rnnlm.training.run import MetricsLog, train
+from rnnlm.training.best import improves
+from rnnlm.training.metrics import MetricsLog
+from rnnlm.training.run import train
 from tests.conftest import ROOT
 
 

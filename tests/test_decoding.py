@@ -1,27 +1,76 @@
+"""Every model's own one-step decoder (model.decoder()) against the model's forward pass:
+generation must run the function that was trained, for every kind, activation, layer count
+and input encoding."""
+
 import pytest
 import torch
 
 from rnnlm.models import MODEL_KINDS
-from rnnlm.models.decoding import ScratchDecoder, make_decoder
-from tests.test_models import make
+from rnnlm.models.decoding import PreparedDecoder
+from rnnlm.models.scratch import ScratchLM
+from tests.test_models import V, make
+
+CASES = [(kind, activation) for kind, cls in MODEL_KINDS.items()
+         for activation in cls.activations]
 
 
-@pytest.mark.parametrize("kind", list(MODEL_KINDS))
-@pytest.mark.parametrize("layers, emb", [(1, None), (2, None), (2, 5)])
-def test_decoder_steps_equal_the_model(kind, layers, emb):
-    torch.manual_seed(0)
-    model = make(kind, num_layers=layers, embedding_dim=emb, dropout=0.3).double()
+def large_weights(model, seed=0):
+    """Weights N(0, 0.5^2): every W_hh's spectral norm is well above 1, so a linear core's
+    state leaves [-1, 1] within a few steps and tanh and identity differ clearly."""
+    torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0, 0.4)
-    ids = torch.randint(0, 11, (12,))
-    model.eval()
-    expected, _ = model(ids.view(1, -1), model.begin_state(1))  # (12, 1, V)
-    decoder = make_decoder(model)
-    assert isinstance(decoder, ScratchDecoder) == kind.endswith("_scratch")
-    got = [decoder.feed(ids[:4])]
+            p.normal_(0, 0.5)
+    for k in range(model.num_layers):
+        assert torch.linalg.matrix_norm(model.recurrent_weight(k), ord=2) > 1.5
+    return model
+
+
+def forward_carried(model, ids, split):
+    """The model's logits (T, V) over ids (1-D), run as two windows with the state carried."""
     with torch.no_grad():
-        got += [decoder.step(int(i)) for i in ids[4:]]
-    torch.testing.assert_close(torch.cat(got), expected[3:, 0], atol=1e-10, rtol=1e-10)
-    # A prefix fed after steps continues from the stepped state.
-    decoder.feed(ids[:2])
+        first, state = model(ids[:split].view(1, -1), model.begin_state(1))
+        second, _ = model(ids[split:].view(1, -1), state)
+    return torch.cat([first, second])[:, 0]
+
+
+@pytest.mark.parametrize("kind, activation", CASES)
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("emb", [None, 5])
+def test_decoder_logits_equal_the_model(kind, activation, layers, emb):
+    def build(act):
+        return make(kind, num_layers=layers, embedding_dim=emb, activation=act, dropout=0.3,
+                    output_dropout=0.3, weight_dropout=0.3).double()
+
+    model = large_weights(build(activation))
+    torch.manual_seed(1)
+    ids = torch.randint(0, V, (12,))
+    model.eval()
+    expected = forward_carried(model, ids, 5)  # (12, V)
+
+    # The weights make the activation matter: the same weights under any other activation
+    # this kind offers give clearly different logits (a decoder with the wrong cell fails).
+    for other in MODEL_KINDS[kind].activations:
+        if other != activation:
+            other_model = build(other)
+            other_model.load_state_dict(model.state_dict())
+            other_model.eval()
+            assert (forward_carried(other_model, ids, 5) - expected).abs().max() > 0.5
+
+    # Token by token from the fresh state; building the decoder puts the model in eval mode.
+    model.train()
+    decoder = model.decoder()
+    assert not model.training
+    assert isinstance(decoder, PreparedDecoder) == isinstance(model, ScratchLM)
+    got = torch.cat([decoder.step(int(i)) for i in ids])
+    assert not got.requires_grad  # generation records no autograd graph
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+
+    # A prefix fed as one window, steps, then another window that continues from the
+    # stepped state, then steps again.
+    decoder = model.decoder()
+    got = [decoder.feed(ids[:4])] + [decoder.step(int(i)) for i in ids[4:8]]
+    got += [decoder.feed(ids[8:10])] + [decoder.step(int(i)) for i in ids[10:]]
+    positions = [3, 4, 5, 6, 7, 9, 10, 11]
+    torch.testing.assert_close(torch.cat(got), expected[positions], atol=1e-10, rtol=1e-10)
+

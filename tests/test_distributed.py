@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from rnnlm.config import ConfigError, load_config
+from rnnlm.config import ConfigError, checks, load_config
 from rnnlm.models import MODEL_KINDS, build_model
 from rnnlm.training import distributed
 from rnnlm.training.run import train
@@ -93,16 +93,16 @@ def test_context_from_env():
 
 
 def test_batch_size_must_split_evenly():
-    distributed.check_batch_size(32, distributed.DistContext(0, 4, 0))
+    checks.check_batch_size(32, distributed.DistContext(0, 4, 0))
     with pytest.raises(ConfigError, match="choose a multiple of 3"):
-        distributed.check_batch_size(32, distributed.DistContext(0, 3, 0))
+        checks.check_batch_size(32, distributed.DistContext(0, 3, 0))
 
 
 def test_batch_shards_are_refused_under_ddp():
     cfg = load_config(None, ["train.batch_shards=2"])
-    distributed.check_config(cfg, distributed.DistContext())  # one process: fine
+    checks.check_distributed(cfg, distributed.DistContext())  # one process: fine
     with pytest.raises(ConfigError, match="batch_shards=2 cannot be combined with 2 torchrun"):
-        distributed.check_config(cfg, distributed.DistContext(0, 2, 0))
+        checks.check_distributed(cfg, distributed.DistContext(0, 2, 0))
 
 
 def test_device_per_rank():

@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from rnnlm.config import ConfigError, DataConfig, config_from_dict, load_config
 from rnnlm.data.corpus import DataError, load_corpus
 from rnnlm.data.splits import split_ids
-from rnnlm.evaluation.evaluate import BestWeights, evaluate, lane_bounds
+from rnnlm.evaluation.evaluate import evaluate, lane_bounds
 from rnnlm.models import MODEL_KINDS, build_model
-from rnnlm.training.run import MetricsLog, score_test_split, train
+from rnnlm.training.best import BestWeights
+from rnnlm.training.metrics import MetricsLog
+from rnnlm.training.run import score_test_split, train
 from tests.conftest import ROOT
 
 CPU = torch.device("cpu")

@@ -11,9 +11,9 @@ import torch
 
 from rnnlm.bptt import gated, rnn
 from rnnlm.config import ConfigError, load_config
+from rnnlm.config.checks import check_cell_kernel
 from rnnlm.kernels import native
 from rnnlm.models import build_model
-from rnnlm.training.run import check_cell_kernel
 
 needs_native = pytest.mark.skipif(not native.available(),
                                   reason=f"C kernels unavailable: "

@@ -11,8 +11,9 @@ from rnnlm.config import ConfigError, config_from_dict, load_config
 from rnnlm.models import MODEL_KINDS, build_model
 from rnnlm.models.base import LockedDropout
 from rnnlm.training.averaging import WeightAverage
+from rnnlm.training.best import EarlyStopping
 from rnnlm.training.run import train
-from rnnlm.training.schedules import EarlyStopping, LRSchedule
+from rnnlm.training.schedules import LRSchedule
 from tests.conftest import ROOT
 
 

@@ -1,6 +1,6 @@
 """Hand-written forward and BPTT backward for whole windows of GRU and LSTM layers.
 
-The same idea as `bptt.py` for the gated cells: run the T steps of one layer with
+The same idea as `rnn.py` for the gated cells: run the T steps of one layer with
 preallocated buffers and no autograd bookkeeping, and write the backward pass out. What
 makes it fast on a CPU, where each step's matmul is small:
 
@@ -19,7 +19,7 @@ Weights use torch.nn's layout and equations (GRU gates r|z|n with the reset gate
 W_hn h + b_hn; LSTM gates i|f|g|o), so results equal nn.GRU / nn.LSTM to rounding.
 
 `xi` (T,) optionally multiplies each step's Jacobian d(state_t)/d(state_{t-1}) (randomized
-truncation, see bptt.py); None means full backpropagation within the window.
+truncation, see rnn.py); None means full backpropagation within the window.
 """
 
 from __future__ import annotations

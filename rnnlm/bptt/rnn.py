@@ -1,4 +1,5 @@
-"""Backpropagation through time for the from-scratch RNN, written by hand (DESIGN §3).
+"""Backpropagation through time for the from-scratch RNN, written by hand (D2L 8.7; the
+derivation is in docs/bptt.md).
 
 One recurrent layer over a window of T steps, time-major, torch.nn weight layout:
 
@@ -7,7 +8,7 @@ One recurrent layer over a window of T steps, time-major, torch.nn weight layout
 where ``xw`` (T, B, H) is the input already projected for the whole window
 (``x_t @ W_ih.T + b_ih + b_hh``, left to autograd by the caller) and h_0 the carried state.
 Given g_t^out = dL/dh_t from everything above the layer (output layer, final state), the
-backward pass is the seed's four steps with the nonlinearity's factor:
+backward pass is D2L 8.7's four steps (docs/bptt.md) with the nonlinearity's factor:
 
     g_T = g_T^out;   da_t = g_t * phi'(a_t);   g_{t-1} = g_{t-1}^out + xi_t * da_t @ W_hh
     dW_hh = sum_t da_t^T h_{t-1},   d xw = da,   d h_0 = xi_1 * da_1 @ W_hh
@@ -24,7 +25,8 @@ Holds:
 * ``scale_grad``: identity forward, gradient times a factor backward (randomized truncation
   for step-by-step models);
 * ``sample_truncation_xi``: draws the xi vector;
-* ``linear_closed_form_state_grads``: the closed-form sum of §3 step 3 for phi = identity.
+* ``linear_closed_form_state_grads``: the closed-form sum of step 3 (docs/bptt.md) for
+  phi = identity.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Truncation strategies of BPTT (DESIGN §3, D2L 8.7.1): what each training batch backpropagates.
+"""Truncation strategies of BPTT (D2L 8.7.1; docs/bptt.md): what each training batch backpropagates.
 
 * ``regular`` (D2L): every window of ``num_steps`` is backpropagated in full and the state is
   detached at the batch boundary.
@@ -24,35 +24,6 @@ from rnnlm.bptt.rnn import sample_truncation_xi
 from rnnlm.data.iterators import VariableLength
 
 _XI_STREAM = 0x7872  # keeps xi's seeds apart from any other (seed, epoch) stream
-
-
-def check_truncation_config(cfg) -> None:
-    """Config-load checks: every model x strategy x iterator either works or is refused here."""
-    from rnnlm.config import ConfigError
-    from rnnlm.models import MODEL_KINDS
-
-    t, d, kind = cfg.train, cfg.data, cfg.model.kind
-    if not 0.0 < t.truncation_pi <= 1.0:
-        raise ConfigError(f"train.truncation_pi must be in (0, 1], got {t.truncation_pi}")
-    if not 0.0 <= t.variable_length_p <= 1.0:
-        raise ConfigError(f"train.variable_length_p must be in [0, 1], "
-                          f"got {t.variable_length_p}")
-    if t.variable_length_std < 0:
-        raise ConfigError(f"train.variable_length_std must be >= 0, "
-                          f"got {t.variable_length_std}")
-    if not 1 <= t.variable_length_min <= d.num_steps:
-        raise ConfigError(f"train.variable_length_min must be in [1, data.num_steps="
-                          f"{d.num_steps}], got {t.variable_length_min}")
-    if t.truncation == "randomized" and not MODEL_KINDS[kind].step_by_step:
-        raise ConfigError(f"train.truncation: randomized scales each step's dh_t/dh_(t-1), "
-                          f"which needs a step-by-step model, but {kind} runs the window in "
-                          f"one fused torch.nn call: use model.kind={kind}_scratch or another "
-                          f"train.truncation")
-    if t.truncation == "variable_length" and d.iterator != "sequential":
-        raise ConfigError("train.truncation: variable_length moves where sequential lanes are "
-                          "cut (the state is carried across them); with data.iterator=random "
-                          "every window starts from a fresh state, so there is nothing to "
-                          "vary: use data.iterator=sequential")
 
 
 def variable_length_of(train_cfg) -> VariableLength | None:

@@ -16,10 +16,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rnnlm.config import DataConfig
 from rnnlm.data.sources import DataError, content_hash, list_source_files
 from rnnlm.data.splits import Splits, check_heldout_lengths, split_ids
 from rnnlm.data.tokens import (
@@ -36,6 +36,9 @@ from rnnlm.data.tokens import (
     spaced_code_points,
     write_entry,
 )
+
+if TYPE_CHECKING:  # the data layer reads a DataConfig but imports nothing above it
+    from rnnlm.config import DataConfig
 
 TIME_MACHINE_URL = "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"
 TIME_MACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"

@@ -16,7 +16,7 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from rnnlm.config import ConfigError
+from rnnlm.errors import ConfigError
 
 BLOCK_BYTES = 1 << 20  # a block grows past this only to finish an overlong line
 

@@ -6,7 +6,7 @@ and test get floor(fraction x tokens) each, training the rest, so the pieces cov
 exactly, without overlap. Held-out text is therefore text the model never saw, not
 interleaved windows of the training lanes.
 
-Evaluation (`evaluate.py`) reads each held-out piece on its own, in `data.eval_lanes`
+Evaluation (`rnnlm.evaluation.evaluate`) reads each held-out piece on its own, in `data.eval_lanes`
 contiguous lanes; the first token of every lane is context only (nothing precedes it), so a
 piece of m tokens read in k lanes scores m - k predictions.
 """

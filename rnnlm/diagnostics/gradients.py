@@ -1,4 +1,4 @@
-"""Gradient-flow measurements (DESIGN §3): how BPTT gradients vanish or explode, and why.
+"""Gradient-flow measurements: how BPTT gradients vanish or explode, and why.
 
 * ``state_gradient_norms``: ||dL/dh_t|| against the distance from the end of the window, for
   the window loss L and for the last step's loss alone (the product of Jacobians);

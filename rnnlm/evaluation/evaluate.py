@@ -104,24 +104,3 @@ def _score(models: list[LanguageModel], ids: np.ndarray, lanes: int, device: tor
     results = [EvalResult(loss=total / count, tokens=count) for total in loss_sums.tolist()]
     return results[:-1], results[-1]
 
-
-class BestWeights:
-    """An in-memory copy of the weights that scored the lowest validation perplexity."""
-
-    def __init__(self):
-        self.ppl = math.inf
-        self.epoch: int | None = None
-        self.state: dict[str, torch.Tensor] | None = None
-
-    def offer(self, ppl: float, epoch: int, model: torch.nn.Module) -> bool:
-        if not ppl < self.ppl:
-            return False
-        self.ppl, self.epoch = ppl, epoch
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return True
-
-    def state_dict(self) -> dict:
-        return {"ppl": self.ppl, "epoch": self.epoch, "weights": self.state}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.ppl, self.epoch, self.state = float(state["ppl"]), state["epoch"], state["weights"]

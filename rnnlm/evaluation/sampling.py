@@ -17,7 +17,7 @@ import torch
 from rnnlm.config import ConfigError
 from rnnlm.data.corpus import PREPROCESSORS, Vocab
 from rnnlm.models import LanguageModel
-from rnnlm.models.decoding import make_decoder
+from rnnlm.models.decoding import Decoder
 
 Picker = Callable[[torch.Tensor], torch.Tensor]  # logits (N, V) -> ids (N,)
 
@@ -56,10 +56,14 @@ def generate(model: LanguageModel, prefix_ids: torch.Tensor, num_chars: int,
 
     D2L's predict_ch8 feeds the prefix one token at a time; feeding it as one window gives
     the same state (the recurrence is identical), in one call instead of len(prefix). Each
-    new character then costs one decoder step (decoding.py: prepared weights, no autograd).
+    new character then costs one step of the model's own decoder (model.decoder(); for the
+    scratch models prepared weights and no autograd).
     """
     was_training = model.training
-    decoder = make_decoder(model)  # puts the model in eval mode
+    # Every LanguageModel hands out its own decoder; any other module that keeps the
+    # forward contract (a wrapper, say) is run on windows of one token. Either puts the
+    # model in eval mode.
+    decoder = model.decoder() if hasattr(model, "decoder") else Decoder(model)
     try:
         logits = decoder.feed(prefix_ids)  # (1, V)
         for i in range(num_chars):

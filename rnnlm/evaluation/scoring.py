@@ -1,4 +1,4 @@
-"""Scoring trained checkpoints on text (evaluate.py): their run's validation or test split,
+"""Scoring trained checkpoints on text (`rnnlm evaluate`): their run's validation or test split,
 or any text file or folder, alone or as an ensemble that averages their probabilities."""
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ first use with the system's C compiler (`cc`, well under a second) into a cache 
 (RNNLM_NATIVE_CACHE, default ~/.cache/rnnlm/native), keyed by the source, the flags and the
 machine, and loaded with ctypes, which releases the GIL for each call: two batch shards on
 two threads still run side by side. Without a compiler `available()` is False and the
-TorchScript loops of gated_bptt run instead (model.cell_kernel says which may be used).
+TorchScript loops of rnnlm.bptt run instead (model.cell_kernel says which may be used).
 
-The forward loops return what gated_bptt's loops return, so either feeds the same autograd
+The forward loops return what rnnlm.bptt's loops return, so either feeds the same autograd
 Function; the backward loops also compute each gate's derivative factors step by step, which
-gated_bptt does for the whole window in separate tensor ops (memory-bound passes over
+rnnlm.bptt does for the whole window in separate tensor ops (memory-bound passes over
 (T, B, H) arrays that cost the GRU as much as its matmuls). They take float32 CPU tensors and
 no randomized-truncation xi. Results match the TorchScript loops to float32 rounding (cells.c
 computes exp itself, to ~1e-7 relative error): tests/test_native.py.
@@ -222,7 +222,7 @@ def usable_for(kernel: str, like: torch.Tensor, xi, whole_windows: bool = False)
     CPU without randomized truncation, where the library could be built (and, with
     whole_windows, where the window loops can run). "c" differs from "auto" before training,
     not here: the trainer refuses a "c" run whose windows could not use it
-    (trainer.check_cell_kernel, config.validate); evaluation or sampling elsewhere (a
+    (rnnlm.config.checks); evaluation or sampling elsewhere (a
     checkpoint sampled on a GPU) runs the tensor ops."""
     fits = like.device.type == "cpu" and like.dtype == torch.float32 and xi is None
     return kernel != "torch" and fits and unavailable_reason(whole_windows) is None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rnnlm.models.base import LanguageModel, State, detach_state
+from rnnlm.models.base import LanguageModel, State, Supports, detach_state
 from rnnlm.models.scratch import ScratchGRU, ScratchLSTM, ScratchRNN
 from rnnlm.models.torch_nn import TorchGRU, TorchLSTM, TorchRNN
 
@@ -18,11 +18,11 @@ MODEL_KINDS: dict[str, type[LanguageModel]] = {
 
 def build_model(model_cfg, vocab_size: int, train_cfg=None) -> LanguageModel:
     """The model a config describes. train_cfg (optional) decides what model.backward=auto
-    means for the scratch kinds: the hand-written backward, except under bf16 autocast or
-    torch.compile, which need autograd's graph."""
+    means for the kinds with a hand-written backward: that backward, except under bf16
+    autocast or torch.compile, which need autograd's graph."""
     cls = MODEL_KINDS[model_cfg.kind]
     extra = {}
-    if cls.step_by_step:
+    if cls.supports.manual_backward:
         needs_autograd = train_cfg is not None and \
             (train_cfg.precision != "fp32" or train_cfg.compile)
         auto = "autograd" if needs_autograd else "manual"
@@ -36,4 +36,4 @@ def build_model(model_cfg, vocab_size: int, train_cfg=None) -> LanguageModel:
                dropout_masks=model_cfg.dropout_masks, **extra)
 
 
-__all__ = ["MODEL_KINDS", "LanguageModel", "State", "build_model", "detach_state"]
+__all__ = ["MODEL_KINDS", "LanguageModel", "State", "Supports", "build_model", "detach_state"]

@@ -7,9 +7,13 @@ training loop never needs to know which model it drives.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from rnnlm.models.decoding import Decoder
 
 State = tuple[torch.Tensor, ...]
 
@@ -38,16 +42,47 @@ class LockedDropout(nn.Module):
 DROPOUT_MASKS: dict[str, type[nn.Module]] = {"per_step": nn.Dropout, "locked": LockedDropout}
 
 
+@dataclass(frozen=True)
+class Supports:
+    """What a model kind can do, declared by its class and asked by the config checks
+    (rnnlm.config.checks) and the run, so that nothing decides by the kind's name."""
+
+    #: the core runs step by step in Python: per-step gradient hooks are possible, and so is
+    #: randomized truncation (forward(..., xi=...), each step's dh_t/dh_(t-1) scaled by xi_t)
+    step_by_step: bool = False
+    #: model.backward=manual: each layer's window runs the hand-written BPTT backward
+    #: (rnnlm.bptt); model.backward=auto picks it where the run allows (fp32, eager)
+    manual_backward: bool = False
+    #: model.cell_kernel=c: the hand-written windows can run their loops in C (rnnlm.kernels)
+    c_windows: bool = False
+    #: besides whole windows, one C call per step for the elementwise work, where PyTorch's
+    #: BLAS cannot be reached from C; without it the C kernels need the whole-window loops
+    c_steps: bool = False
+    #: train.precision=bf16 (autocast of the training forward pass)
+    bf16: bool = True
+    #: train.compile (torch.compile of the training model)
+    compile: bool = True
+    #: train.batch_shards=auto splits batches across cores (one lane group per core); False
+    #: where the layer already keeps every core busy and sharding was measured to lose
+    auto_shards: bool = True
+
+    @property
+    def randomized_truncation(self) -> bool:
+        return self.step_by_step
+
+
 class LanguageModel(nn.Module):
     """Input encoding -> recurrent core (subclass) -> linear output layer."""
 
     #: number of tensors in the state: 1 for RNN/GRU, 2 for LSTM
     state_size: int = 1
-    #: True when the core runs step by step in Python (per-step gradient hooks are possible,
-    #: and so is randomized truncation: forward(..., xi=...))
-    step_by_step: bool = False
-    #: model.activation values this kind offers (config.validate checks them)
+    #: what this kind can do (rnnlm.config.checks asks it)
+    supports: Supports = Supports()
+    #: model.activation values this kind offers
     activations: tuple[str, ...] = ("tanh",)
+    #: the kind that computes the same function step by step from the same state_dict (a
+    #: torch.nn layer's from-scratch twin), offered where this kind lacks a capability
+    twin: str | None = None
     #: names of the gate blocks stacked in the rows of W_hh (empty: one block, a plain RNN)
     gate_names: tuple[str, ...] = ()
 
@@ -117,6 +152,14 @@ class LanguageModel(nn.Module):
                 xi: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
         hidden, state = self.core(self.encode(tokens), state, xi)
         return self.output(self.output_dropout(hidden)), state  # (T, B, V)
+
+    def decoder(self) -> Decoder:
+        """Generation's one-step decoder: feed(ids) and step(token_id) -> logits (1, V),
+        carrying the state (batch of one); building it puts the model in eval mode.
+
+        Each kind hands out the fastest decoder that runs its own functions, so generation
+        cannot drift from training; this default runs the model on a window of one token."""
+        return Decoder(self)
 
 
 def detach_state(state: State) -> State:

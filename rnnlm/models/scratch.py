@@ -21,7 +21,8 @@ from torch import nn
 
 from rnnlm.bptt.gated import gru_window, lstm_window
 from rnnlm.bptt.rnn import manual_rnn_window, scale_grad
-from rnnlm.models.base import LanguageModel, State
+from rnnlm.models.base import LanguageModel, State, Supports
+from rnnlm.models.decoding import Decoder, PreparedDecoder
 
 
 def rnn_cell(xw_t, state, w_hh, b_hh):
@@ -30,7 +31,7 @@ def rnn_cell(xw_t, state, w_hh, b_hh):
 
 
 def linear_rnn_cell(xw_t, state, w_hh, b_hh):
-    """D2L 8.7's simplified RNN (DESIGN §3): no nonlinearity."""
+    """D2L 8.7's simplified RNN: no nonlinearity."""
     (h,) = state
     return (torch.addmm(xw_t + b_hh, h, w_hh.t()),)
 
@@ -133,7 +134,7 @@ class ScratchLM(LanguageModel):
     cell = staticmethod(rnn_cell)
     manual_window = staticmethod(rnn_window)
     num_gates = 1
-    step_by_step = True
+    supports = Supports(step_by_step=True, manual_backward=True, c_windows=True, c_steps=True)
 
     def __init__(self, vocab_size, hidden_size, num_layers=1, dropout=0.0, embedding_dim=None,
                  backward: str = "manual", cell_kernel: str = "auto", **options):
@@ -166,12 +167,19 @@ class ScratchLM(LanguageModel):
     def recurrent_weight(self, layer: int):
         return self.layers[layer].weight_hh
 
+    def decoder(self) -> Decoder:
+        """Each layer's own cell (the one training steps through: the RNN's activation, the
+        gates) on weights prepared once, a table row per token and no autograd."""
+        return PreparedDecoder(self, self.layers)
+
 
 class ScratchRNN(ScratchLM):
     cell = staticmethod(rnn_cell)
     manual_window = staticmethod(rnn_window)
     num_gates = 1
     activations = ("tanh", "identity")
+    # the RNN's elementwise step is one tanh: only its whole-window loop is worth a C call
+    supports = Supports(step_by_step=True, manual_backward=True, c_windows=True)
 
     def cell_and_window(self, backward: str):
         cell = rnn_cell if self.activation == "tanh" else linear_rnn_cell

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from rnnlm.models.base import LanguageModel, State
+from rnnlm.models.base import LanguageModel, State, Supports
 
 #: nn.RNNBase.mode -> the op its forward calls (torch.rnn_tanh(input, hx, weights, ...))
 LAYER_OPS = {"RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu, "GRU": torch.gru,
@@ -76,14 +76,20 @@ class TorchRecurrentLM(LanguageModel):
 
 class TorchRNN(TorchRecurrentLM):
     layer_class = nn.RNN
+    twin = "rnn_scratch"
 
 
 class TorchGRU(TorchRecurrentLM):
     layer_class = nn.GRU
+    twin = "gru_scratch"
     gate_names = ("r", "z", "n")
 
 
 class TorchLSTM(TorchRecurrentLM):
     layer_class = nn.LSTM
+    twin = "lstm_scratch"
+    # oneDNN's fused LSTM already keeps both cores busy: two lane groups measured 0.81x on
+    # the 2-core machine, where the other kinds gained 1.01-1.22x (docs/benchmarks.md)
+    supports = Supports(auto_shards=False)
     gate_names = ("i", "f", "g", "o")
     state_size = 2

@@ -18,7 +18,6 @@ its speed relative to the preset's own row, measured in the same rounds, and its
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -36,7 +35,7 @@ from rnnlm.data.corpus import load_corpus
 from rnnlm.evaluation.sampling import generate
 from rnnlm.kernels import native
 from rnnlm.kernels.scripting import scripted
-from rnnlm.models import build_model
+from rnnlm.models import MODEL_KINDS, build_model
 from rnnlm.training.run import train
 from rnnlm.training.step import shard_pool
 
@@ -44,12 +43,12 @@ ROOT = Path(__file__).resolve().parents[2]
 BOOK_PRESETS = ["rnn_scratch", "rnn_scratch_random", "gru_scratch", "lstm_scratch", "rnn",
                 "gru", "lstm"]
 REFERENCE = ROOT.parent / "shared" / "tools" / "d2l_reference.sh"
-GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 GEN_REPEATS = 3  # generation runs of each side, taken in turns
 
 
 def gates_of(kind: str) -> int:
-    return GATES[kind.removesuffix("_scratch")]
+    """The blocks stacked in W_hh's rows, as the model class declares them (1: a plain RNN)."""
+    return len(MODEL_KINDS[kind].gate_names) or 1
 
 
 def flops_per_token(kind: str, hidden: int, layers: int, vocab: int, inputs: int) -> float:
@@ -294,26 +293,17 @@ def check_counts(args) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=BOOK_PRESETS, choices=BOOK_PRESETS)
-    parser.add_argument("--epochs", type=int, default=500, help="measured epochs (default 500)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-reference", action="store_true", help="skip the D2L reference")
-    parser.add_argument("--gen-chars", type=int, default=10_000)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override for our runs, e.g. --set train.threads=1")
-    parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,...]",
-                        help="also train each preset with these overrides (repeatable)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="speed rounds: ours and the reference trained --round-epochs "
-                             "epochs in turn, this many times; speeds and ratios are medians "
-                             "over rounds (0: the speeds of the long runs)")
-    parser.add_argument("--round-epochs", type=int, default=20)
-    parser.add_argument("--write", default=str(ROOT / "docs" / "benchmarks.md"),
-                        help="markdown file for the table ('' to skip)")
-    args = parser.parse_args(argv)
+    """`python bench.py` with `argv` (default: the process's arguments), for the callers of
+    this entry point; the command itself is rnnlm.commands.bench."""
+    from rnnlm.commands import run_script  # late: the command imports this module
+
+    return run_script("bench", argv)
+
+
+def benchmark(args, command: str) -> int:
+    """Run the benchmark that `args` (the options of `rnnlm bench`, see
+    rnnlm.commands.bench) describe, print its report and write it to args.write; `command`
+    is the command line the report names."""
     check_counts(args)
 
     rows = []
@@ -405,7 +395,6 @@ def main(argv=None) -> int:
         f"of {GEN_REPEATS} runs each, taken in turns): ours "
         f"{gen['ours']:,.0f} chars/s, D2L predict_ch8 {fmt(gen['reference'])} chars/s, "
         f"ratio {fmt(gen_ratio, '.1f', suffix='x')}.")
-    command = "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.rounds:
         how = (f"tokens/s: median over {args.rounds} rounds in which each trainer ran "
                f"{args.round_epochs} epochs (after {args.warmup} warm-up) in turn, each round's "

@@ -6,7 +6,7 @@ variant gets the same budget: the config's epochs and data. Run k of a variant w
 own out_dir/<variant>/seed<seed>, and out_dir itself receives comparison.md (mean ± std over
 seeds), comparison.csv (one row per run) and comparison.png (all curves).
 
-Each run is a separate `train.py` process, one after another: a variant that crashes or is
+Each run is a separate `rnnlm train` process, one after another: a variant that crashes or is
 refused is reported in the table and the others go on; runs never compete for the CPU, so
 their tokens/s are comparable.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -28,7 +29,9 @@ import yaml
 
 from rnnlm.config import ConfigError, load_config
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"
+# The folder that holds this rnnlm package: the child runs `python -m rnnlm train` with it on
+# its path, so it trains with this very code, from a checkout or from an installed package.
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 METRICS = [  # (key, column title, digits)
     ("final_train_ppl", "final train ppl", 3),
     ("best_val_ppl", "best val ppl", 3),
@@ -140,11 +143,13 @@ def summarise(records: list[dict]) -> dict:
 
 def run_one(config: str, overrides: list[str], timeout: float | None) -> str | None:
     """Train in a child process; None on success, else a one-line reason."""
-    cmd = [sys.executable, str(TRAIN_SCRIPT), "--config", config, "--quiet"]
+    cmd = [sys.executable, "-m", "rnnlm", "train", "--config", config, "--quiet"]
     for item in overrides:
         cmd += ["--set", item]
+    path = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONPATH": path})
     except subprocess.TimeoutExpired:
         return f"timed out after {timeout:.0f} s"
     if proc.returncode != 0:

@@ -1,7 +1,8 @@
 """Training: one batch step (step.py: loss, autocast, batch shards), one epoch (epoch.py: D2L's
-train_epoch_ch8), and the run around it (run.py: set up, resume, epochs, evaluation, the best
-weights, checkpoints, the test split), with what the run drives: schedules, weight averaging,
-interrupts, automatic resume, data-parallel training, CUDA graphs and perplexity plots.
+train_epoch_ch8), and the run around it (run.py: set up, resume, one epoch, end of epoch,
+finish), with what the run drives: the best so far (best.py: best metric, early stopping, best
+weights), the metrics log (metrics.py), schedules, weight averaging, interrupts, automatic
+resume, data-parallel training, CUDA graphs and perplexity plots.
 
 May import: rnnlm.config, rnnlm.checkpoint, rnnlm.data, rnnlm.models, rnnlm.bptt,
 rnnlm.kernels, rnnlm.evaluation (validation, test scores, predictions) and

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from rnnlm.config import ConfigError, fixed_shards
+from rnnlm.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -73,29 +73,6 @@ def context_from_env(environ=None) -> DistContext:
         raise ConfigError(f"RANK={rank} / WORLD_SIZE={world_size} are inconsistent: start "
                           f"data-parallel runs with torchrun, which sets them")
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank)
-
-
-def check_batch_size(batch_size: int, ctx: DistContext) -> None:
-    """data.batch_size is the global batch: it must split evenly over the processes."""
-    if batch_size % ctx.world_size:
-        raise ConfigError(
-            f"data.batch_size={batch_size} is not divisible by the {ctx.world_size} "
-            f"processes of this run (nodes x --nproc_per_node): data.batch_size is the global "
-            f"batch, so choose a multiple of {ctx.world_size} or another process count")
-
-
-def check_config(cfg, ctx: DistContext) -> None:
-    """What a data-parallel run cannot do, found before any process waits for another."""
-    if not ctx.enabled:
-        return
-    check_batch_size(cfg.data.batch_size, ctx)
-    if fixed_shards(cfg.train) > 1:
-        # Shards compute gradients with torch.autograd.grad, which bypasses DDP's
-        # all-reduce hooks; one process per core already gives each core its lanes.
-        raise ConfigError(
-            f"train.batch_shards={cfg.train.batch_shards} cannot be combined with "
-            f"{ctx.world_size} torchrun processes: run one single-threaded process per core "
-            f"(torchrun --nproc_per_node=CORES) and leave train.batch_shards at 1")
 
 
 def device_for_rank(device: torch.device, ctx: DistContext) -> torch.device:

@@ -99,21 +99,25 @@ def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | Non
                 stop: distributed.StopAgreement | None = None,
                 truncation: Truncation | None = None, epoch: int = 0,
                 on_step: Callable[[], None] | None = None) -> EpochResult:
-    """One pass over the data, D2L's train_epoch_ch8.
+    """One pass over the data, D2L's train_epoch_ch8; returns the epoch's mean loss,
+    gradient norm, clipping fraction, tokens and time.
 
-    carry_state=True (sequential iteration): the state is created at the first batch,
-    carried across batches and detached at every boundary (regular truncated BPTT).
-    carry_state=False (random iteration): a fresh state for every batch.
-    `step` computes the loss and the gradients of one batch (shards.py).
+    The textbook's arguments: `model`, `batches` (the epoch's (X, Y) pairs), `optimizer`,
+    `clip_norm` (None: no clipping) and `carry_state`: True for sequential iteration (the
+    state is created at the first batch, carried across batches and detached at every
+    boundary: regular truncated BPTT), False for random iteration (a fresh state for every
+    batch). `step` computes the loss and the gradients of one batch (rnnlm.training.step).
+
+    What the engine adds, each None or off by default:
+    `truncation` (rnnlm.bptt.truncation): randomized xi per batch, or the learning rate
+    scaled by the window length (variable_length); None is regular truncation. xi is seeded
+    by (seed, epoch, batch index), so every rank and a resumed epoch draw the same.
+    `start` continues an epoch that a checkpoint stopped part way (`batches` must then begin
+    at batch `start.batches`). When `stop` says so after a batch (on every rank at the same
+    batch), the epoch ends early with complete=False.
+    `on_step` runs after every optimizer step (e.g. to update a weight average).
     Under DDP `model` is the wrapped model and `batches` this rank's share; the returned
     loss, tokens and time are totals over all ranks (the same on every rank).
-    `start` continues an epoch that a checkpoint stopped part way (`batches` must then
-    begin at batch `start.batches`). When `stop` says so after a batch (on every rank at
-    the same batch), the epoch ends early with complete=False.
-    truncation (rnnlm.bptt.truncation): randomized xi per batch, or the learning rate scaled by
-    the window length (variable_length); None is regular truncation. xi is seeded by
-    (seed, epoch, batch index), so every rank and a resumed epoch draw the same.
-    on_step, when given, runs after every optimizer step (e.g. to update a weight average).
     """
     model.train()
     core = distributed.unwrap(model)

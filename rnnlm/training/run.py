@@ -1,12 +1,26 @@
-"""A whole training run around train_epoch: set up, resume, epochs, evaluation, the best
-weights, checkpoints, predictions and the test split."""
+"""A whole training run around train_epoch, as named steps that read top to bottom.
+
+`run_training` is the run; each step is one method of `TrainingRun`, which holds its parts:
+
+    TrainingRun(...)      set up: check the config against this machine, then build the
+                          corpus, the batch iterator, the model, the optimizer, the schedule,
+                          the weight average and the best so far
+    take_out_dir          claim out_dir (or continue in the folder of the resumed checkpoint)
+    resume                continue a checkpoint exactly where it stopped
+    start                 what trains (CUDA graphs, compile, DDP), the run's files, the opening
+                          lines, the progress bar; a resumed run's random generators come last
+    one_epoch             train_epoch (rnnlm.training.epoch) over this epoch's batches
+    end_of_epoch          the record, validation, best so far, checkpoints, stop decisions and
+                          the progress line
+    finish                the plot, the final prediction, the test split, the summary lines
+
+`train` is the public entry around it: processes (DDP), threads and signal handlers.
+"""
 
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
 import random
 import sys
 import time
@@ -15,49 +29,419 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from rnnlm.bptt.truncation import Truncation, variable_length_of
 from rnnlm.checkpoint import (
     atomic_save,
     claim_out_dir,
-    improves,
     make_checkpoint,
     restore_rng,
     restore_training,
-    tracked_metric,
 )
-from rnnlm.config import Config, ConfigError, cell_kernel_applies, dump_yaml
+from rnnlm.config import Config, ConfigError, dump_yaml
+from rnnlm.config.checks import check_distributed, check_run, resolve_device
 from rnnlm.data.corpus import PREPROCESSORS, Corpus, load_corpus
 from rnnlm.data.iterators import BatchIterator
 from rnnlm.diagnostics.report import DiagnosticsRecorder
-from rnnlm.evaluation.evaluate import BestWeights, evaluate
+from rnnlm.evaluation.evaluate import evaluate
 from rnnlm.evaluation.sampling import predict_greedy
-from rnnlm.kernels import native
 from rnnlm.models import LanguageModel, build_model
 from rnnlm.training import distributed
 from rnnlm.training.averaging import WeightAverage
-from rnnlm.training.epoch import EpochProgress, train_epoch
+from rnnlm.training.best import BestSoFar, BestWeights
+from rnnlm.training.epoch import EpochProgress, EpochResult, train_epoch
 from rnnlm.training.interrupts import StopRequest, TrainingInterrupted, stop_on_signals
-from rnnlm.training.schedules import EarlyStopping, LRSchedule
+from rnnlm.training.metrics import MetricsLog, epoch_record
+from rnnlm.training.schedules import LRSchedule
 from rnnlm.training.step import ShardedForwardBackward, forward_backward, resolve_batch_shards
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was asked for but CUDA is not available here; "
-                          "use device: cpu or auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None)
-                              and torch.backends.mps.is_available()):
-        raise ConfigError("device: mps was asked for but MPS is not available here; "
-                          "use device: cpu or auto")
-    return torch.device(name)
+def train(cfg: Config, quiet: bool = False, out=sys.stdout, resume: dict | None = None,
+          resume_path: str | Path | None = None, overwrite: bool = False,
+          stop: StopRequest | None = None, progress: bool | None = None) -> dict:
+    """Run a whole training job from a config; returns the last epoch's record (with the
+    best validation and the test metrics when the data is split, and the final prediction).
+
+    `resume` (a loaded checkpoint, read from `resume_path`) continues that run exactly where
+    it stopped. A new run refuses an out_dir that holds a checkpoint unless `overwrite`.
+    SIGINT/SIGTERM stop the run after the current batch, write last.pt and raise
+    TrainingInterrupted; pass `stop` to control stopping yourself (no handlers installed).
+    `progress`: a progress bar over the epochs; None shows one when `out` is a terminal and
+    the run is not `quiet` (tqdm.auto: in Jupyter it is a widget).
+
+    Under torchrun this process is one rank of a data-parallel job (rnnlm.training.distributed);
+    alone it is the whole job."""
+    ctx = distributed.context_from_env()
+    check_distributed(cfg, ctx)
+    device = distributed.device_for_rank(resolve_device(cfg.device), ctx)
+    quiet = quiet or not ctx.is_main
+    show_bar = (not quiet and out.isatty()) if progress is None else progress and ctx.is_main
+    own_stop = stop is None
+    stop = StopRequest() if own_stop else stop
+    shards = resolve_batch_shards(cfg, device, ctx.enabled)
+    with distributed.process_group(ctx, device), run_threads(cfg.train.threads, shards), \
+            (stop_on_signals(stop, distributed.signal_repeat_window_s())
+             if own_stop else nullcontext(stop)):
+        return run_training(cfg, ctx, device, quiet, out, resume, resume_path, overwrite,
+                            stop, shards, show_bar)
+
+
+def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device,
+                 quiet: bool, out, resume: dict | None = None,
+                 resume_path: str | Path | None = None, overwrite: bool = False,
+                 stop: StopRequest | None = None, shards: int = 1,
+                 show_bar: bool = False) -> dict:
+    """The run, step by step (see the module docstring). `shards`: train.batch_shards
+    resolved for this device (rnnlm.training.step.resolve_batch_shards)."""
+    run = TrainingRun(cfg, ctx, device, shards, StopRequest() if stop is None else stop, quiet, out)
+    try:
+        run.take_out_dir(resume_path if resume is not None else None, overwrite)
+        if resume is not None:
+            run.resume(resume, resume_path)
+        run.start(show_bar)
+        for epoch in run.bar:
+            result = run.one_epoch(epoch)
+            if not run.end_of_epoch(epoch, result):
+                break  # early stopping
+    finally:  # also when interrupted: the shard threads must not outlive the run
+        run.close()
+    return run.finish()
+
+
+class TrainingRun:
+    """One training run: its parts, built by the set-up, and its position as it goes."""
+
+    def __init__(self, cfg: Config, ctx: distributed.DistContext, device: torch.device,
+                 shards: int, stop: StopRequest, quiet: bool, out):
+        """Set up: the parts of the run, built in the order that fixes the random streams
+        (the seed, then the model's initial weights)."""
+        self.cfg, self.ctx, self.device, self.stop = cfg, ctx, device, stop
+        self.quiet, self.out = quiet, out
+
+        check_run(cfg, device, shards)  # the config against this machine, before building
+
+        # forward and backward of one batch (rnnlm.training.step)
+        self.batch_step = ShardedForwardBackward(shards, cfg.train.precision) if shards > 1 \
+            else functools.partial(forward_backward, precision=cfg.train.precision)
+        self.shards = shards
+        self.train_step = distributed.FaultInjector(ctx).wrap(self.batch_step)  # unless testing
+        seed_everything(cfg.seed)
+        self.corpus = load_corpus(cfg.data)
+        self.batches = BatchIterator(self.corpus.splits.train, cfg.data.batch_size,
+                                     cfg.data.num_steps, cfg.data.iterator, seed=cfg.seed,
+                                     rank=ctx.rank, world_size=ctx.world_size,
+                                     variable_length=variable_length_of(cfg.train))
+        self.truncation = Truncation.from_config(cfg)
+        self.model = build_model(cfg.model, len(self.corpus.vocab), cfg.train).to(device)
+        distributed.seed_rank_streams(cfg.seed, ctx)
+        self.optimizer = make_optimizer(cfg, self.model)
+        self.schedule = LRSchedule(cfg.train, self.optimizer)
+        self.average = WeightAverage(self.model, cfg.train.ema_decay) \
+            if cfg.train.ema_decay else None
+        self.scored = self.average.model if self.average is not None else self.model  # evaluated
+        self.on_step = (lambda: self.average.update(self.model)) \
+            if self.average is not None else None  # after every optimizer step
+        self.best = BestSoFar(cfg.train.early_stop_patience)
+        self.prompt = prefix_ids(self.corpus, cfg.train.prefix)
+        self.out_dir = Path(cfg.out_dir)
+
+        # Filled by the steps that follow.
+        self.train_model: torch.nn.Module = self.model  # what trains: maybe graphed or wrapped
+        self.metrics: MetricsLog | None = None  # only rank 0 writes files
+        self.recorder: DiagnosticsRecorder | None = None
+        self.bar: tqdm | None = None
+        self.agreement: distributed.StopAgreement | None = None
+        self.records: list[dict] = []  # every epoch's record, for the plot
+        self.record: dict = {}  # the last complete epoch's record
+        self.resumed: tuple[str | Path, dict] | None = None  # the checkpoint's path and rng
+        # The position: complete epochs, optimizer steps before the current epoch, the wall
+        # time of earlier sessions of this run, and the totals of a resumed part epoch.
+        self.start_epoch, self.step, self.wall_offset = 0, 0, 0.0
+        self.wall_start = time.perf_counter()
+        self.partial: EpochProgress | None = None
+
+    # ------------------------------------------------------------------ before the first epoch
+
+    def take_out_dir(self, resume_path: str | Path | None, overwrite: bool) -> None:
+        """A new run claims out_dir, which must hold no checkpoint unless `overwrite`; a run
+        resumed from a checkpoint in out_dir continues there."""
+        in_place = resume_path is not None and \
+            self.out_dir.resolve() == Path(resume_path).resolve().parent
+        if in_place and overwrite:
+            raise ConfigError("--overwrite would delete the checkpoint being resumed: drop it, "
+                              "or resume into another folder with --set out_dir=...")
+        if not in_place:
+            claim_out_dir(self.out_dir, overwrite, delete=self.ctx.is_main)
+
+    def resume(self, ckpt: dict, path: str | Path) -> None:
+        """Continue the checkpoint `ckpt` (read from `path`): weights, optimizer, position,
+        the best so far, the schedule and the average; when it stopped inside an epoch, that
+        epoch's running totals and carried state."""
+        position = restore_training(ckpt, self.cfg, self.model, self.optimizer,
+                                    self.corpus.vocab, str(path))
+        self.start_epoch, self.step = position["epoch"], position["step"]
+        self.wall_offset = position["wall_s"]
+        self.record = ckpt.get("record") or {}
+        run_state = ckpt.get("run_state")  # absent in checkpoints of older versions
+        self.best.restore(ckpt["best"], run_state)
+        if run_state:
+            self.schedule.load_state_dict(run_state.get("schedule"))
+            if self.average is not None and run_state.get("average"):
+                self.average.load_state_dict(run_state["average"])
+        if position.get("partial") and position["partial"]["batches"]:
+            self.partial = EpochProgress.from_dict(position["partial"], self.device, self.ctx)
+            self.step -= self.partial.batches  # `step` counts the steps before the epoch
+        self.resumed = (path, ckpt["rng"])
+
+    def start(self, show_bar: bool) -> None:
+        """Everything between the loaded weights and the first batch."""
+        self.train_model = self.model_that_trains()
+        if self.ctx.is_main:  # only rank 0 writes files
+            self.open_files()
+        self.announce()
+        self.bar = tqdm(range(self.start_epoch, self.cfg.train.epochs), disable=not show_bar,
+                        unit="epoch", file=self.out, dynamic_ncols=True,
+                        initial=self.start_epoch, total=self.cfg.train.epochs)
+        self.agreement = distributed.StopAgreement(lambda: bool(self.stop))  # ranks stop together
+        if self.resumed is not None:
+            restore_rng(self.resumed[1])  # last, after everything that draws from the generators
+            if self.ctx.enabled:  # the checkpoint holds rank 0's torch stream: one per rank
+                distributed.seed_rank_streams(self.cfg.seed + self.step, self.ctx)
+        self.wall_start = time.perf_counter()
+
+    def model_that_trains(self) -> torch.nn.Module:
+        """`model` as the epochs run it: captured in CUDA graphs, compiled, wrapped by DDP.
+        Made after the weights are loaded, so every copy starts from the same values; all
+        share the parameters, and evaluation, sampling and saving use `model` itself."""
+        cfg, model = self.cfg, self.model
+        if self.device.type == "cuda" and cfg.train.cuda_graphs:
+            from rnnlm.training.cuda_graphs import GraphedModel
+            model = GraphedModel(model, self.batches.local_batch, cfg.data.num_steps)
+        if cfg.train.compile:
+            model = torch.compile(self.model)
+        return distributed.wrap_model(model, self.device)  # itself unless distributed
+
+    def open_files(self) -> None:
+        """out_dir with config.yaml, metrics.jsonl (continued by a resumed run, without the
+        epochs it is about to redo) and the diagnostics recorder."""
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", append=self.resumed is not None)
+        if cfg.train.diagnostics:  # after a resume: "at the start" = the checkpoint's
+            self.recorder = DiagnosticsRecorder(cfg, self.model, self.corpus.ids, self.batches,
+                                                self.truncation, self.out_dir)
+        self.metrics.keep_epochs(self.start_epoch)
+
+    def announce(self) -> None:
+        """The opening lines: the model and the data, where a resumed run continues, the
+        split."""
+        cfg, corpus = self.cfg, self.corpus
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.say(f"{cfg.model.kind}: {n_params:,} parameters, vocabulary {len(corpus.vocab)}, "
+                 f"{len(corpus):,} tokens from {corpus.source} ({corpus.preprocess}"
+                 f"{', cached' if corpus.from_cache else ''}), "
+                 f"{cfg.data.iterator} iteration, device {self.device}"
+                 + (f", {self.shards} batch shards" if self.shards > 1 else "")
+                 + (f", {self.ctx.world_size} processes (DDP)" if self.ctx.enabled else ""))
+        if self.resumed is not None:
+            partial = self.partial
+            where = f"in epoch {self.start_epoch + 1} after batch {partial.batches}" if partial \
+                else f"at the end of epoch {self.start_epoch}"
+            self.say(f"resumed {self.resumed[0]} {where} (step "
+                     f"{self.step + (partial.batches if partial else 0)}), training to epoch "
+                     f"{cfg.train.epochs}")
+        if cfg.data.split is not None:
+            splits = corpus.splits
+            parts = {"train": splits.train, **splits.heldout()}
+            self.say("split: " + ", ".join(f"{name} {len(ids):,}" for name, ids in parts.items()))
+
+    # ------------------------------------------------------------------ each epoch
+
+    def one_epoch(self, epoch: int) -> EpochResult:
+        """train_epoch over the batches of the epoch with index `epoch`, from the batch a
+        resumed checkpoint stopped at. When a stop request ends it early, last.pt keeps the
+        position inside the epoch and TrainingInterrupted is raised."""
+        start, self.partial = self.partial, None
+        batches = self.batches.epoch(epoch, start_batch=start.batches if start else 0)
+        result = train_epoch(self.train_model, batches, self.optimizer, self.cfg.train.clip_norm,
+                             self.batches.carries_state, self.device, self.train_step,
+                             start=start, stop=self.agreement, truncation=self.truncation,
+                             epoch=epoch, on_step=self.on_step)
+        if not result.complete:
+            self.save(["last.pt"], epoch, result.progress)
+            raise self.interrupted(epoch, result.batches)
+        self.step += result.batches
+        return result
+
+    def end_of_epoch(self, epoch: int, result: EpochResult) -> bool:
+        """After the epoch with index `epoch`; returns False when early stopping ends the
+        run. The order matters: checkpoints hold the schedule and the best so far after this
+        epoch, and a stop request is heeded only once they are written."""
+        record = self.record = epoch_record(
+            epoch, self.step, result, self.optimizer.param_groups[0]["lr"],
+            self.wall_offset + time.perf_counter() - self.wall_start)
+        if self.recorder is not None:
+            record.update(self.recorder.epoch_record(self.model, epoch))
+        stop_early = self.validate(epoch, record)
+        self.schedule.after_epoch(record.get("val_ppl"))
+        self.log(epoch, record, result)
+        last_saved = self.save_checkpoints(epoch, record)
+        self.agreement.begin_step()  # asked only now: a signal may have come during the saves
+        if self.agreement.should_stop():
+            if not last_saved:
+                self.save(["last.pt"], epoch + 1, None)
+            raise self.interrupted(epoch + 1, 0)
+        if self.predicting(epoch) and not self.quiet:
+            text = predict_greedy(self.model, self.corpus.vocab, self.prompt,
+                                  self.cfg.train.predict_chars)
+            self.say(f"epoch {epoch + 1:>4}  ppl {result.ppl:8.3f}  grad "
+                     f"{result.grad_norm:6.3f}  {result.tokens_per_s:>9,.0f} tok/s  | {text}")
+        if stop_early:
+            stopper, weights = self.best.stopper, self.best.weights
+            self.say(f"early stop after epoch {epoch + 1}: validation perplexity has not "
+                     f"improved for {stopper.bad_evaluations} evaluations (best "
+                     f"{weights.ppl:.3f} at epoch {weights.epoch})")
+            if not last_saved:
+                self.save(["last.pt"], epoch + 1, None)
+        return not stop_early
+
+    def validate(self, epoch: int, record: dict) -> bool:
+        """Validation when it is due (every train.eval_every epochs and after the last) and
+        the data has a validation split: its numbers join the record and the best so far.
+        Returns whether early stopping ends the run."""
+        t, val_ids = self.cfg.train, self.corpus.splits.val
+        due = epoch + 1 == t.epochs or bool(t.eval_every and (epoch + 1) % t.eval_every == 0)
+        if not due or val_ids is None:
+            return False
+        # Every rank evaluates the same weights on the whole split, so every rank takes the
+        # same best-weights, schedule and stopping decisions without talking.
+        val = evaluate(self.scored, val_ids, self.cfg.data.eval_lanes, self.device)
+        record.update(val.as_record("val"))
+        stop_early = self.best.validated(val.ppl, epoch + 1, self.scored)
+        self.say(f"epoch {epoch + 1:>4}  train ppl {record['train_ppl']:8.3f}  val ppl "
+                 f"{val.ppl:8.3f}  val bpc {val.bpc:6.3f}  lr {record['lr']:.3g}")
+        return stop_early
+
+    def predicting(self, epoch: int) -> bool:
+        """Whether the epoch ends with a progress line and its greedy prediction (every
+        train.predict_every epochs; the last epoch's prediction closes the run instead)."""
+        pe = self.cfg.train.predict_every
+        return bool(pe and (epoch + 1) % pe == 0 and epoch + 1 < self.cfg.train.epochs)
+
+    def log(self, epoch: int, record: dict, result: EpochResult) -> None:
+        """The record into metrics.jsonl, the plot redrawn, the bar's numbers."""
+        self.records.append(record)
+        if self.metrics is not None:
+            self.metrics.write(record)
+            # The plot follows the validation passes; without validation, the progress
+            # lines (a redraw every epoch would cost a book run more than its training).
+            if "val_ppl" in record or (self.corpus.splits.val is None and self.predicting(epoch)):
+                plot_perplexity(self.records, *self.plot_where())
+        self.bar.set_postfix(ppl=f"{result.ppl:.2f}", tok_s=f"{result.tokens_per_s:,.0f}")
+
+    def save_checkpoints(self, epoch: int, record: dict) -> bool:
+        """best.pt when the epoch is the best so far, last.pt when it is due (every
+        train.checkpoint_every epochs and after the last); returns whether last.pt was
+        written."""
+        improved = self.best.improved_by(record)
+        every = self.cfg.train.checkpoint_every
+        last_due = epoch + 1 == self.cfg.train.epochs or \
+            bool(every and (epoch + 1) % every == 0)
+        if improved or last_due:
+            self.save(["best.pt"] * improved + ["last.pt"] * last_due, epoch + 1, None)
+        return last_due
+
+    def save(self, names: list[str], epoch: int, progress: EpochProgress | None) -> None:
+        """Write checkpoints after `epoch` complete epochs and, inside the next one, its
+        `progress` (rank 0 writes); under DDP every rank must call it (it gathers lanes)."""
+        ctx = self.ctx
+        if progress is not None and progress.state is not None and ctx.enabled:
+            progress = EpochProgress(**{**vars(progress),
+                                        "state": distributed.gather_lanes(progress.state)})
+        if not ctx.is_main:
+            return
+        batches = progress.batches if progress else 0
+        position = {"epoch": epoch, "step": self.step + batches,
+                    "wall_s": self.wall_offset + time.perf_counter() - self.wall_start,
+                    "batch": batches, "partial": progress.to_dict() if progress else None}
+        best, average = self.best, self.average
+        run_state = {"schedule": self.schedule.state_dict(),
+                     "early_stop": best.stopper.state_dict(),
+                     "average": average.state_dict() if average is not None else None,
+                     "best_weights": best.weights.state_dict()}
+        ckpt = make_checkpoint(self.cfg, self.model, self.optimizer, self.corpus.vocab,
+                               self.corpus.preprocess, position, best.metric, self.record,
+                               run_state)
+        for name in names:
+            atomic_save(ckpt, self.out_dir / name)
+
+    def interrupted(self, epoch: int, batch: int) -> TrainingInterrupted:
+        return TrainingInterrupted(self.stop, self.out_dir / "last.pt" if self.ctx.is_main
+                                   else None, epoch, batch)
+
+    # ------------------------------------------------------------------ after the last epoch
+
+    def close(self) -> None:
+        """Release what the epochs held (also when the run stops with an error)."""
+        if self.bar is not None:
+            self.bar.close()
+        if isinstance(self.batch_step, ShardedForwardBackward):
+            self.batch_step.close()
+
+    def finish(self) -> dict:
+        """The last plot, the final prediction, the best validation and the test split (rank
+        0), the summary lines; returns the last epoch's record with them."""
+        record, weights = self.record, self.best.weights
+        if self.recorder is not None and record:
+            self.say(f"diagnostics: {self.recorder.finish(self.model, record['epoch'] - 1)}")
+        if not self.ctx.is_main:
+            return record
+        plot_perplexity(self.records, *self.plot_where())
+
+        final_text = predict_greedy(self.model, self.corpus.vocab, self.prompt,
+                                    self.cfg.train.predict_chars)
+        splits = self.corpus.splits
+        if splits.val is not None and weights.ppl is not None:
+            self.say(f"best validation perplexity {weights.ppl:.3f} (bpc "
+                     f"{math.log2(weights.ppl):.3f}) at epoch {weights.epoch}")
+            record["best_val_ppl"], record["best_epoch"] = weights.ppl, weights.epoch
+        if splits.test is not None:
+            record.update(score_test_split(self.scored, weights, splits.test, self.cfg,
+                                           self.device, self.metrics, self.say))
+        print(final_text, file=self.out)
+        print(f"perplexity {record['train_ppl']:.1f}, {record['tokens_per_s']:.1f} tokens/sec "
+              f"on {self.device}", file=self.out)
+        record["prediction"] = final_text
+        return record
+
+    # ------------------------------------------------------------------ small helpers
+
+    def say(self, line: str) -> None:
+        if not self.quiet:
+            tqdm.write(line, file=self.out)
+
+    def plot_where(self) -> tuple[Path, str]:
+        return self.out_dir / "perplexity.png", f"{self.cfg.model.kind} ({self.out_dir.name})"
+
+
+def score_test_split(scored: LanguageModel, best: BestWeights, test_ids, cfg: Config,
+                     device: torch.device, metrics: MetricsLog | None, say) -> dict:
+    """Evaluate the test split once, on the weights with the best validation perplexity
+    (the final weights when there is no validation split), and log one `test` record."""
+    if best.state is not None:
+        scored.load_state_dict(best.state)
+    result = evaluate(scored, test_ids, cfg.data.eval_lanes, device)
+    weights = f"epoch {best.epoch}" if best.epoch is not None else "final"
+    say(f"test perplexity {result.ppl:.3f} (bpc {result.bpc:.3f}) with the {weights} weights")
+    record = {"event": "test", "weights_epoch": best.epoch, **result.as_record("test")}
+    if metrics is not None:  # rank 0 writes files
+        metrics.write(record)
+    return {k: v for k, v in record.items() if k.startswith("test_")}
+
+
+# ---------------------------------------------------------------------- the parts of the set-up
 
 
 @contextmanager
@@ -102,340 +486,9 @@ def prefix_ids(corpus: Corpus, prefix: str) -> list[int]:
     return corpus.vocab.encode(text, unknown="replace").tolist()
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per epoch (public interface: keep key names stable)."""
-
-    def __init__(self, path: Path, append: bool = False):
-        self.path = path
-        if not append:
-            path.write_text("")
-
-    def keep_epochs(self, last_epoch: int) -> None:
-        """Drop records after `last_epoch` (epochs a resumed run is about to redo, written
-        after the checkpoint it resumes from), so every epoch appears once."""
-        if not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line)["epoch"] <= last_epoch:
-                    kept.append(line + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a killed process
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, self.path)
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def train(cfg: Config, quiet: bool = False, out=sys.stdout, resume: dict | None = None,
-          resume_path: str | Path | None = None, overwrite: bool = False,
-          stop: StopRequest | None = None) -> dict:
-    """Run a whole training job from a config; returns the last epoch's record (with the
-    best validation and the test metrics when the data is split).
-
-    `resume` (a loaded checkpoint, read from `resume_path`) continues that run exactly where
-    it stopped. A new run refuses an out_dir that holds a checkpoint unless `overwrite`.
-    SIGINT/SIGTERM stop the run after the current batch, write last.pt and raise
-    TrainingInterrupted; pass `stop` to control stopping yourself (no handlers installed).
-
-    Under torchrun this process is one rank of a data-parallel job (rnnlm.training.distributed);
-    alone it is the whole job."""
-    ctx = distributed.context_from_env()
-    distributed.check_config(cfg, ctx)
-    device = distributed.device_for_rank(resolve_device(cfg.device), ctx)
-    own_stop = stop is None
-    stop = StopRequest() if own_stop else stop
-    shards = resolve_batch_shards(cfg, device, ctx.enabled)
-    with distributed.process_group(ctx, device), run_threads(cfg.train.threads, shards), \
-            (stop_on_signals(stop, distributed.signal_repeat_window_s())
-             if own_stop else nullcontext(stop)):
-        return run_training(cfg, ctx, device, quiet or not ctx.is_main, out, resume,
-                            resume_path, overwrite, stop, shards)
-
-
 def plot_perplexity(records: list[dict], path: Path, title: str) -> None:
     """plots.plot_perplexity, imported at the first drawing: matplotlib takes about 0.5 s to
     import, which sample.py (it imports this module) and every config error would pay."""
     from rnnlm.training import plots
 
     plots.plot_perplexity(records, path, title)
-
-
-def check_cell_kernel(cfg: Config, device: torch.device) -> None:
-    """model.cell_kernel=c must be able to run here; auto falls back to tensor ops (said once
-    where it would have used the C kernels)."""
-    kernel = cfg.model.cell_kernel
-    if kernel == "torch" or not cell_kernel_applies(cfg):
-        return
-    if kernel == "c" and device.type != "cpu":
-        raise ConfigError(f"model.cell_kernel: c runs on the CPU, this run is on {device.type}: "
-                          "use model.cell_kernel=auto")
-    # the scratch RNN has only the whole-window C loop
-    reason = native.unavailable_reason(whole_windows=cfg.model.kind == "rnn_scratch") \
-        if device.type == "cpu" else None
-    if reason and kernel == "c":
-        raise ConfigError(f"model.cell_kernel: c cannot be used here: {reason}; use "
-                          "model.cell_kernel=auto (tensor ops)")
-    if reason:
-        print(f"note: C cell kernels unavailable ({reason}); using tensor ops", file=sys.stderr)
-
-
-def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device,
-                 quiet: bool, out, resume: dict | None = None,
-                 resume_path: str | Path | None = None, overwrite: bool = False,
-                 stop: StopRequest | None = None, shards: int = 1) -> dict:
-    """`shards`: train.batch_shards resolved for this device (shards.resolve_batch_shards)."""
-    batch_step = functools.partial(forward_backward, precision=cfg.train.precision)
-    if shards > 1:
-        if device.type != "cpu":
-            raise ConfigError(f"train.batch_shards: {shards} splits batches "
-                              f"across CPU cores; on {device.type} use 1 or auto")
-        batch_step = ShardedForwardBackward(shards, cfg.train.precision)
-    graphed = device.type == "cuda" and cfg.train.cuda_graphs
-    if graphed and (cfg.train.precision != "fp32" or cfg.train.compile):
-        raise ConfigError("train.cuda_graphs captures the fp32 eager step; with "
-                          f"train.precision={cfg.train.precision} or train.compile=true set "
-                          "train.cuda_graphs=false")
-    check_cell_kernel(cfg, device)
-    train_step = distributed.FaultInjector(ctx).wrap(batch_step)  # itself unless testing
-    seed_everything(cfg.seed)
-    corpus = load_corpus(cfg.data)
-    splits = corpus.splits
-    batches = BatchIterator(splits.train, cfg.data.batch_size, cfg.data.num_steps,
-                            cfg.data.iterator, seed=cfg.seed, rank=ctx.rank,
-                            world_size=ctx.world_size,
-                            variable_length=variable_length_of(cfg.train))
-    truncation = Truncation.from_config(cfg)
-    model = build_model(cfg.model, len(corpus.vocab), cfg.train).to(device)
-    distributed.seed_rank_streams(cfg.seed, ctx)
-    optimizer = make_optimizer(cfg, model)
-    schedule = LRSchedule(cfg.train, optimizer)
-    stopper = EarlyStopping(cfg.train.early_stop_patience)
-    average = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    scored = average.model if average is not None else model  # what evaluation scores
-    best_weights = BestWeights()  # in memory, for the test split (best.pt is the file twin)
-    records: list[dict] = []
-    on_step = (lambda: average.update(model)) if average is not None else None
-    prompt = prefix_ids(corpus, cfg.train.prefix)
-
-    out_dir = Path(cfg.out_dir)
-    start_epoch, step, wall_offset, best, record, partial = 0, 0, 0.0, None, {}, None
-    in_place = resume is not None and out_dir.resolve() == Path(resume_path).resolve().parent
-    if in_place and overwrite:
-        raise ConfigError("--overwrite would delete the checkpoint being resumed: drop it, or "
-                          "resume into another folder with --set out_dir=...")
-    if not in_place:
-        claim_out_dir(out_dir, overwrite, delete=ctx.is_main)
-    if resume is not None:
-        position = restore_training(resume, cfg, model, optimizer, corpus.vocab,
-                                    str(resume_path))
-        start_epoch, step, wall_offset = position["epoch"], position["step"], position["wall_s"]
-        best, record = resume["best"], resume.get("record") or {}
-        restore_run_state(resume.get("run_state"), schedule, stopper, average, best_weights)
-        if position.get("partial") and position["partial"]["batches"]:
-            partial = EpochProgress.from_dict(position["partial"], device, ctx)
-            step -= partial.batches  # `step` counts the steps before the current epoch
-
-    # After the weights are loaded: the graphed copy and DDP start from the same values.
-    train_model = model
-    if graphed:
-        from rnnlm.training.cuda_graphs import GraphedModel
-        train_model = GraphedModel(model, batches.local_batch, cfg.data.num_steps)
-    if cfg.train.compile:  # shares the parameters: evaluation, sampling and saving use `model`
-        train_model = torch.compile(model)
-    train_model = distributed.wrap_model(train_model, device)  # DDP when distributed
-
-    metrics = recorder = None  # only rank 0 writes files
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
-        metrics = MetricsLog(out_dir / "metrics.jsonl", append=resume is not None)
-        if cfg.train.diagnostics:  # after a resume: eigenvalues "at the start" = the checkpoint's
-            recorder = DiagnosticsRecorder(cfg, model, corpus.ids, batches, truncation, out_dir)
-        metrics.keep_epochs(start_epoch)
-    plot_path, plot_title = out_dir / "perplexity.png", f"{cfg.model.kind} ({out_dir.name})"
-
-    def say(line: str) -> None:
-        if not quiet:
-            tqdm.write(line, file=out)
-
-    def save(names: list[str], epoch: int, progress: EpochProgress | None) -> None:
-        """Write checkpoints (rank 0); under DDP every rank must call it (it gathers lanes)."""
-        if progress is not None and progress.state is not None and ctx.enabled:
-            progress = EpochProgress(**{**vars(progress),
-                                        "state": distributed.gather_lanes(progress.state)})
-        if not ctx.is_main:
-            return
-        ckpt = make_checkpoint(cfg, model, optimizer, corpus.vocab, corpus.preprocess, {
-            "epoch": epoch, "step": step + (progress.batches if progress else 0),
-            "wall_s": wall_offset + time.perf_counter() - wall_start,
-            "batch": progress.batches if progress else 0,
-            "partial": progress.to_dict() if progress else None,
-        }, best, record, run_state={
-            "schedule": schedule.state_dict(), "early_stop": stopper.state_dict(),
-            "average": average.state_dict() if average is not None else None,
-            "best_weights": best_weights.state_dict(),
-        })
-        for name in names:
-            atomic_save(ckpt, out_dir / name)
-
-    def interrupted(epoch: int, batch: int) -> TrainingInterrupted:
-        return TrainingInterrupted(stop, out_dir / "last.pt" if ctx.is_main else None,
-                                   epoch, batch)
-
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"{cfg.model.kind}: {n_params:,} parameters, vocabulary {len(corpus.vocab)}, "
-        f"{len(corpus):,} tokens from {corpus.source} ({corpus.preprocess}"
-        f"{', cached' if corpus.from_cache else ''}), "
-        f"{cfg.data.iterator} iteration, device {device}"
-        + (f", {shards} batch shards" if shards > 1 else "")
-        + (f", {ctx.world_size} processes (DDP)" if ctx.enabled else ""))
-    if resume is not None:
-        where = f"in epoch {start_epoch + 1} after batch {partial.batches}" if partial else \
-            f"at the end of epoch {start_epoch}"
-        say(f"resumed {resume_path} {where} (step {step + (partial.batches if partial else 0)}"
-            f"), training to epoch {cfg.train.epochs}")
-    if cfg.data.split is not None:
-        parts = {"train": splits.train, **splits.heldout()}
-        say("split: " + ", ".join(f"{name} {len(ids):,}" for name, ids in parts.items()))
-
-    show_bar = not quiet and out.isatty()
-    bar = tqdm(range(start_epoch, cfg.train.epochs), disable=not show_bar, unit="epoch",
-               file=out, dynamic_ncols=True, initial=start_epoch, total=cfg.train.epochs)
-    every = cfg.train.checkpoint_every
-    agreement = distributed.StopAgreement(lambda: bool(stop))  # all ranks stop together
-    if resume is not None:
-        restore_rng(resume["rng"])  # last, after everything that draws from the generators
-        if ctx.enabled:  # the checkpoint holds rank 0's torch stream: give each rank its own
-            distributed.seed_rank_streams(cfg.seed + step, ctx)
-    wall_start = time.perf_counter()
-    try:
-        for epoch in bar:
-            result = train_epoch(train_model, batches.epoch(epoch, start_batch=partial.batches
-                                                            if partial else 0),
-                                 optimizer, cfg.train.clip_norm, batches.carries_state, device,
-                                 train_step, start=partial, stop=agreement,
-                                 truncation=truncation, epoch=epoch, on_step=on_step)
-            partial = None
-            if not result.complete:
-                save(["last.pt"], epoch, result.progress)
-                raise interrupted(epoch, result.batches)
-            step += result.batches
-            record = {
-                "epoch": epoch + 1, "step": step,
-                "train_loss": result.loss, "train_ppl": result.ppl,
-                "train_bpc": result.loss / math.log(2),
-                "tokens_per_s": result.tokens_per_s, "grad_norm": result.grad_norm,
-                "clipped_frac": result.clipped_frac, "lr": optimizer.param_groups[0]["lr"],
-                "epoch_s": result.seconds,
-                "wall_s": wall_offset + time.perf_counter() - wall_start,
-                "tokens": result.tokens,
-            }
-            if recorder is not None:
-                record.update(recorder.epoch_record(model, epoch))
-            every_eval = cfg.train.eval_every
-            evaluating = epoch + 1 == cfg.train.epochs or \
-                bool(every_eval and (epoch + 1) % every_eval == 0)
-            stop_early = False
-            if evaluating and splits.val is not None:
-                # Every rank evaluates the same weights on the whole split, so every rank takes
-                # the same best-weights, schedule and stopping decisions without talking.
-                val = evaluate(scored, splits.val, cfg.data.eval_lanes, device)
-                record.update(val.as_record("val"))
-                best_weights.offer(val.ppl, epoch + 1, scored)
-                stop_early = stopper.should_stop(val.ppl)
-                say(f"epoch {epoch + 1:>4}  train ppl {result.ppl:8.3f}  val ppl "
-                    f"{val.ppl:8.3f}  val bpc {val.bpc:6.3f}  lr {record['lr']:.3g}")
-            schedule.after_epoch(record.get("val_ppl"))
-            records.append(record)
-            pe = cfg.train.predict_every
-            progress = bool(pe and (epoch + 1) % pe == 0 and epoch + 1 < cfg.train.epochs)
-            if metrics is not None:
-                metrics.write(record)
-                # The plot follows the validation passes; without validation, the progress
-                # lines (a redraw every epoch would cost a book run more than its training).
-                if "val_ppl" in record or (splits.val is None and progress):
-                    plot_perplexity(records, plot_path, plot_title)
-            bar.set_postfix(ppl=f"{result.ppl:.2f}", tok_s=f"{result.tokens_per_s:,.0f}")
-            improved = improves(best, record)
-            if improved:
-                metric, value = tracked_metric(record)
-                best = {"metric": metric, "value": value, "epoch": epoch + 1}
-            last_due = epoch + 1 == cfg.train.epochs or bool(every and (epoch + 1) % every == 0)
-            if improved or last_due:
-                save(["best.pt"] * improved + ["last.pt"] * last_due, epoch + 1, None)
-            agreement.begin_step()  # asked only now: a signal may have come during the saves
-            if agreement.should_stop():
-                if not last_due:
-                    save(["last.pt"], epoch + 1, None)
-                raise interrupted(epoch + 1, 0)
-            if progress and not quiet:
-                say(f"epoch {epoch + 1:>4}  ppl {result.ppl:8.3f}  grad {result.grad_norm:6.3f}  "
-                    f"{result.tokens_per_s:>9,.0f} tok/s  | "
-                    f"{predict_greedy(model, corpus.vocab, prompt, cfg.train.predict_chars)}")
-            if stop_early:
-                say(f"early stop after epoch {epoch + 1}: validation perplexity has not "
-                    f"improved for {stopper.bad_evaluations} evaluations (best "
-                    f"{best_weights.ppl:.3f} at epoch {best_weights.epoch})")
-                if not last_due:
-                    save(["last.pt"], epoch + 1, None)
-                break
-    finally:  # also when interrupted: the shard threads must not outlive the run
-        bar.close()
-        if isinstance(batch_step, ShardedForwardBackward):
-            batch_step.close()
-    if recorder is not None and record:
-        say(f"diagnostics: {recorder.finish(model, record['epoch'] - 1)}")
-    if not ctx.is_main:
-        return record
-    plot_perplexity(records, plot_path, plot_title)
-
-    final_text = predict_greedy(model, corpus.vocab, prompt, cfg.train.predict_chars)
-    if splits.val is not None and best_weights.ppl is not None:
-        say(f"best validation perplexity {best_weights.ppl:.3f} (bpc "
-            f"{math.log2(best_weights.ppl):.3f}) at epoch {best_weights.epoch}")
-        record["best_val_ppl"], record["best_epoch"] = best_weights.ppl, best_weights.epoch
-    if splits.test is not None:
-        record.update(score_test_split(scored, best_weights, splits.test, cfg, device, metrics,
-                                       say))
-    print(final_text, file=out)
-    print(f"perplexity {record['train_ppl']:.1f}, {record['tokens_per_s']:.1f} tokens/sec "
-          f"on {device}", file=out)
-    record["prediction"] = final_text
-    return record
-
-
-def restore_run_state(state: dict | None, schedule: LRSchedule, stopper: EarlyStopping,
-                      average: WeightAverage | None, best_weights: BestWeights) -> None:
-    """Put back what a run carries between epochs besides weights and optimizer, so that a
-    resumed run follows the same schedule, stops at the same epoch, averages the same way
-    and scores the test split with the same weights. Checkpoints of older versions have no
-    run_state: those parts start afresh."""
-    if not state:
-        return
-    schedule.load_state_dict(state.get("schedule"))
-    if state.get("early_stop"):
-        stopper.load_state_dict(state["early_stop"])
-    if average is not None and state.get("average"):
-        average.load_state_dict(state["average"])
-    if state.get("best_weights"):
-        best_weights.load_state_dict(state["best_weights"])
-
-
-def score_test_split(scored: LanguageModel, best: BestWeights, test_ids, cfg: Config,
-                      device: torch.device, metrics: MetricsLog, say) -> dict:
-    """Evaluate the test split once, on the weights with the best validation perplexity
-    (the final weights when there is no validation split), and log one `test` record."""
-    if best.state is not None:
-        scored.load_state_dict(best.state)
-    result = evaluate(scored, test_ids, cfg.data.eval_lanes, device)
-    weights = f"epoch {best.epoch}" if best.epoch is not None else "final"
-    say(f"test perplexity {result.ppl:.3f} (bpc {result.bpc:.3f}) with the {weights} weights")
-    record = {"event": "test", "weights_epoch": best.epoch, **result.as_record("test")}
-    if metrics is not None:  # rank 0 writes files
-        metrics.write(record)
-    return {k: v for k, v in record.items() if k.startswith("test_")}

@@ -1,4 +1,4 @@
-"""Learning-rate schedules and early stopping, both driven once per epoch.
+"""Learning-rate schedules, driven once per epoch.
 
 The learning rate lives only in the optimizer's param_groups: the schedules are
 torch.optim.lr_scheduler objects that write it there.
@@ -10,13 +10,11 @@ torch.optim.lr_scheduler objects that write it there.
   `plateau_patience` evaluations without improving, never below `lr_min` (ReduceLROnPlateau;
   epochs without evaluation do not count).
 
-Early stopping counts evaluations too: training stops once validation perplexity has not
-improved for `early_stop_patience` evaluations in a row.
+Early stopping, which counts evaluations the same way, belongs to the best so far
+(rnnlm.training.best).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch.optim import lr_scheduler
@@ -58,23 +56,3 @@ class LRSchedule:
         if self.scheduler is not None and state and state.get("kind") == self.kind:
             self.scheduler.load_state_dict(state["scheduler"])
 
-
-class EarlyStopping:
-    def __init__(self, patience: int | None):
-        self.patience = patience
-        self.best = math.inf
-        self.bad_evaluations = 0
-
-    def should_stop(self, val_ppl: float) -> bool:
-        """Record one evaluation; True when the patience has run out."""
-        if val_ppl < self.best:
-            self.best, self.bad_evaluations = val_ppl, 0
-        else:
-            self.bad_evaluations += 1
-        return self.patience is not None and self.bad_evaluations >= self.patience
-
-    def state_dict(self) -> dict:
-        return {"best": self.best, "bad_evaluations": self.bad_evaluations}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best, self.bad_evaluations = float(state["best"]), int(state["bad_evaluations"])

@@ -1,6 +1,6 @@
 """Forward and backward of one batch, optionally split by lanes across CPU cores.
 
-A character-level RNN step is a small matmul that two cores cannot share well (DESIGN §5):
+A character-level RNN step is a small matmul that two cores cannot share well (docs/benchmarks.md):
 splitting every (32 x 512) @ (512 x 512) product over two threads gains little. Giving each
 core its own group of lanes (rows of the batch) with one intra-op thread keeps both busy
 on products that are each half as tall. The lanes of a batch are independent until the loss,
@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from rnnlm.config import shards_allowed
+from rnnlm.config.checks import model_class, shards_allowed
 from rnnlm.models import LanguageModel, State
 
 
@@ -60,14 +60,15 @@ def resolve_batch_shards(cfg, device: torch.device, distributed: bool) -> int:
     """train.batch_shards as a number. "auto" (the book presets) is 2 where sharding can
     run and was measured to pay: one CPU process (not under torchrun, which already gives
     each core a process) with two or more cores, and a config that a fixed 2 would pass
-    (config.validate: no dropout of any kind, as one random stream cannot be shared by the
-    shard threads reproducibly, no torch.compile, two lanes or more), for every model
-    but torch.nn's LSTM, whose fused oneDNN kernel already keeps both cores busy (sharded it
-    measured 0.81x on the 2-core machine, the others 1.01-1.22x); else 1."""
+    (config.checks.validate: no dropout of any kind, as one random stream cannot be shared by
+    the shard threads reproducibly, no torch.compile, two lanes or more), for every kind that
+    declares supports.auto_shards (all but torch.nn's LSTM, whose fused oneDNN kernel already
+    keeps both cores busy); else 1."""
     shards = cfg.train.batch_shards
     if shards != "auto":
         return shards
-    possible = (device.type == "cpu" and not distributed and cfg.model.kind != "lstm"
+    possible = (device.type == "cpu" and not distributed
+                and model_class(cfg).supports.auto_shards
                 and usable_cores() >= 2 and shards_allowed(cfg, 2))
     return 2 if possible else 1
 

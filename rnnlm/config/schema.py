@@ -1,15 +1,14 @@
-"""The run configuration: one tree of dataclasses, loaded from YAML and checked at load.
+"""The run configuration: one tree of dataclasses, loaded from YAML and `--set` overrides.
 
 Every key has a default here; a YAML file and `--set a.b=value` overrides only change
-what they name. Unknown keys, wrong types and out-of-range values raise `ConfigError`
-with a one-line message that names the key, so the entry points can print it and exit 2.
+what they name. Unknown keys and wrong types raise `ConfigError` with a one-line message that
+names the key; the ranges and combinations are checked by rnnlm.config.checks at load.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,9 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem (bad file, key, type or value)."""
+from rnnlm.errors import ConfigError
 
 
 @dataclass
@@ -52,7 +49,7 @@ class ModelConfig:
     dropout: float = 0.0  # between stacked layers, as torch.nn does
     embedding_dim: int | None = None  # None: one-hot input (D2L); an int: a learned embedding
     # Scratch models only: "manual" runs each layer's window with the hand-written BPTT
-    # backward (bptt.py, gated.py; same numbers, far fewer ops), "autograd" step by step.
+    # backward (rnnlm/bptt/rnn.py, gated.py; same numbers, far fewer ops), "autograd" step by step.
     # "auto" is manual for the scratch kinds; torch.nn kinds always use their own backward.
     backward: Literal["auto", "manual", "autograd"] = "auto"
     activation: Literal["tanh", "identity"] = "tanh"  # identity: D2L 8.7's linear RNN
@@ -82,10 +79,10 @@ class TrainConfig:
     prefix: str = "time traveller"
     predict_every: int = 10  # epochs between greedy predictions; 0 = only at the end
     predict_chars: int = 50
-    threads: int | None = None  # torch intra-op threads; None: see trainer.run_threads
+    threads: int | None = None  # torch intra-op threads; None: see training.run.run_threads
     # Split each batch by lanes into this many groups, each run forward and backward on its
-    # own CPU thread (shards.py): faster than splitting each small matmul across cores.
-    # "auto": 2 where sharding is possible (shards.resolve_batch_shards), else 1.
+    # own CPU thread (training/step.py): faster than splitting each small matmul across cores.
+    # "auto": 2 where sharding is possible (training.step.resolve_batch_shards), else 1.
     batch_shards: int | Literal["auto"] = 1
     # On CUDA, replay each batch's forward and backward from captured CUDA graphs.
     cuda_graphs: bool = True
@@ -163,6 +160,10 @@ def config_from_dict(raw: dict, overrides=(), source: str = "config") -> Config:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
     cfg = _build(Config, raw, prefix="", source=source)
+    # The checks ask the model classes, which import torch: loaded with the first config,
+    # so that importing this module (every command's --help) stays light.
+    from rnnlm.config.checks import validate
+
     validate(cfg)
     return cfg
 
@@ -281,158 +282,6 @@ def _type_name(t) -> str:
         return "a list"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
         t, getattr(t, "__name__", str(t)))
-
-
-# ---------------------------------------------------------------------------- ranges
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def fixed_shards(t: TrainConfig) -> int:
-    """train.batch_shards as given, with "auto" counted as 1: auto never asks for sharding
-    where it cannot run (shards.resolve_batch_shards), so only fixed counts are checked."""
-    return 1 if t.batch_shards == "auto" else t.batch_shards
-
-
-def shards_allowed(cfg: Config, shards: int) -> bool:
-    """Whether this config would be accepted with train.batch_shards = `shards`: the rules
-    that refuse sharding (dropout, compile, too few lanes) live in `validate` only."""
-    try:
-        validate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
-                                                                    batch_shards=shards)))
-    except ConfigError:
-        return False
-    return True
-
-
-SCRATCH_KINDS = ("rnn_scratch", "gru_scratch", "lstm_scratch")
-
-
-def cell_kernel_applies(cfg: Config) -> bool:
-    """Whether the training windows of this config can use model.cell_kernel's C kernels:
-    a scratch model with the hand-written fp32 eager backward, no randomized truncation
-    (the device is checked once known, trainer.check_cell_kernel)."""
-    m, t = cfg.model, cfg.train
-    return (m.kind in SCRATCH_KINDS and m.backward != "autograd"
-            and t.precision == "fp32" and not t.compile and t.truncation != "randomized")
-
-
-def validate(cfg: Config) -> None:
-    """Range checks that do not need the corpus (those that do live in data.py)."""
-    from rnnlm.models import MODEL_KINDS  # late import: models import torch, config must not
-
-    d, m, t = cfg.data, cfg.model, cfg.train
-    _require(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
-    _require(d.num_steps >= 1, f"data.num_steps must be >= 1, got {d.num_steps}")
-    _require(d.max_tokens is None or d.max_tokens >= 2,
-             f"data.max_tokens must be >= 2 or null (whole corpus), got {d.max_tokens}")
-    _require(m.kind in MODEL_KINDS,
-             f"model.kind must be one of {', '.join(MODEL_KINDS)}; got {m.kind!r}")
-    model_class = MODEL_KINDS[m.kind]
-    _require(m.activation in model_class.activations,
-             f"model.activation: {m.activation} is only offered for rnn_scratch (D2L 8.7's "
-             f"linear RNN); {m.kind} supports {', '.join(model_class.activations)}: "
-             f"set model.activation=tanh")
-    _require(m.hidden_size >= 1, f"model.hidden_size must be >= 1, got {m.hidden_size}")
-    _require(m.num_layers >= 1, f"model.num_layers must be >= 1, got {m.num_layers}")
-    _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
-    _require(m.backward == "auto" or m.kind.endswith("_scratch"),
-             f"model.backward: {m.backward} applies to the scratch kinds only; {m.kind} is a "
-             f"torch.nn layer with its own backward (leave model.backward: auto)")
-    _require(m.backward != "manual" or (t.precision == "fp32" and not t.compile),
-             "model.backward: manual is the fp32, eager hand-written backward; with "
-             f"train.precision={t.precision} and train.compile={str(t.compile).lower()} use "
-             "model.backward=auto (autograd)")
-    _require(m.cell_kernel == "auto" or m.kind in SCRATCH_KINDS,
-             f"model.cell_kernel: {m.cell_kernel} applies to the scratch kinds only "
-             f"({', '.join(SCRATCH_KINDS)}); leave model.cell_kernel: auto for {m.kind}")
-    _require(m.cell_kernel != "c" or cell_kernel_applies(cfg),
-             "model.cell_kernel: c is a kernel of the hand-written fp32 backward without "
-             "randomized truncation; with model.backward=autograd, train.precision=bf16, "
-             "train.compile or train.truncation=randomized use model.cell_kernel=auto")
-    _require(m.cell_kernel != "c" or cfg.device in ("auto", "cpu"),
-             f"model.cell_kernel: c runs on the CPU; with device: {cfg.device} use "
-             "model.cell_kernel=auto")
-    _require(m.embedding_dim is None or m.embedding_dim >= 1,
-             f"model.embedding_dim must be >= 1 or null (one-hot), got {m.embedding_dim}")
-    _require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
-    _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
-    _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
-    _require(t.clip_norm is None or t.clip_norm > 0,
-             f"train.clip_norm must be > 0 or null (no clipping), got {t.clip_norm}")
-    _require(t.predict_every >= 0, f"train.predict_every must be >= 0, got {t.predict_every}")
-    _require(t.predict_chars >= 1, f"train.predict_chars must be >= 1, got {t.predict_chars}")
-    explicit_shards = fixed_shards(t)
-    _require(explicit_shards >= 1, f"train.batch_shards must be >= 1, got {t.batch_shards}")
-    _require(explicit_shards <= d.batch_size,
-             f"train.batch_shards ({t.batch_shards}) cannot exceed data.batch_size "
-             f"({d.batch_size}): each shard needs at least one lane")
-    _require(explicit_shards == 1 or m.dropout == 0,
-             "train.batch_shards > 1 needs model.dropout 0: dropout draws from one random "
-             "stream, which the shard threads would race for (runs would not repeat)")
-    _require(explicit_shards == 1 or not t.compile,
-             "train.compile with train.batch_shards > 1 is not supported (the shard threads "
-             "would share one compiled model): use one of them")
-    _require(t.threads is None or t.threads >= 1,
-             f"train.threads must be >= 1 or null, got {t.threads}")
-    _require(t.checkpoint_every >= 0,
-             f"train.checkpoint_every must be >= 0 (0 = only at the end), got "
-             f"{t.checkpoint_every}")
-    _require(t.diagnostics_every >= 1,
-             f"train.diagnostics_every must be >= 1, got {t.diagnostics_every}")
-    from rnnlm.bptt.truncation import check_truncation_config  # late import, as above
-
-    check_truncation_config(cfg)
-    _validate_heldout(cfg)
-
-
-def _validate_heldout(cfg: Config) -> None:
-    """Splits, evaluation, schedules, early stopping, averaging, extra dropout."""
-    d, m, t = cfg.data, cfg.model, cfg.train
-    if d.split is not None:
-        _require(len(d.split) == 3 and all(math.isfinite(f) and f >= 0 for f in d.split),
-                 f"data.split must be three fractions [train, val, test] >= 0, got {d.split}")
-        _require(d.split[0] > 0 and abs(sum(d.split) - 1.0) < 1e-6,
-                 f"data.split fractions must sum to 1 with train > 0, got {d.split}")
-    _require(d.eval_lanes >= 1, f"data.eval_lanes must be >= 1, got {d.eval_lanes}")
-    _require(0.0 <= m.input_dropout < 1.0,
-             f"model.input_dropout must be in [0, 1), got {m.input_dropout}")
-    _require(m.input_dropout == 0.0 or m.embedding_dim is not None,
-             "model.input_dropout needs model.embedding_dim (dropout on one-hot input is not "
-             "offered): set model.embedding_dim, e.g. 64")
-    _require(0.0 <= m.output_dropout < 1.0,
-             f"model.output_dropout must be in [0, 1), got {m.output_dropout}")
-    _require(0.0 <= m.weight_dropout < 1.0,
-             f"model.weight_dropout must be in [0, 1), got {m.weight_dropout}")
-    _require(fixed_shards(t) == 1 or
-             m.input_dropout == m.output_dropout == m.weight_dropout == 0,
-             "train.batch_shards > 1 needs model.input_dropout, output_dropout and "
-             "weight_dropout 0: dropout draws from one random stream, which the shard threads "
-             "would race for (runs would not repeat)")
-    _require(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
-    _require(t.lr_step_size >= 1, f"train.lr_step_size must be >= 1, got {t.lr_step_size}")
-    _require(0.0 < t.lr_gamma < 1.0, f"train.lr_gamma must be in (0, 1), got {t.lr_gamma}")
-    _require(t.lr_min >= 0, f"train.lr_min must be >= 0, got {t.lr_min}")
-    _require(t.lr_schedule not in ("cosine", "plateau") or t.lr_min < t.lr,
-             f"train.lr_min ({t.lr_min}) must be below train.lr ({t.lr}) for the "
-             f"{t.lr_schedule} schedule")
-    _require(t.plateau_patience >= 0,
-             f"train.plateau_patience must be >= 0, got {t.plateau_patience}")
-    _require(t.early_stop_patience is None or t.early_stop_patience >= 1,
-             f"train.early_stop_patience must be >= 1 or null, got {t.early_stop_patience}")
-    _require(t.ema_decay is None or 0.0 < t.ema_decay < 1.0,
-             f"train.ema_decay must be in (0, 1) or null, got {t.ema_decay}")
-    has_val = d.split is not None and d.split[1] > 0
-    hint = "set data.split, e.g. [0.9, 0.05, 0.05]"
-    _require(has_val or t.lr_schedule != "plateau",
-             f"train.lr_schedule: plateau follows validation perplexity, but there is no "
-             f"validation split: {hint}")
-    _require(has_val or t.early_stop_patience is None,
-             f"train.early_stop_patience watches validation perplexity, but there is no "
-             f"validation split: {hint}")
 
 
 def dump_yaml(cfg: Config) -> str:
