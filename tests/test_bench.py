@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from rnnlm.commands import run_script
 from rnnlm.config import ConfigError
 from rnnlm.tools import bench
 from tests.conftest import ROOT
@@ -56,9 +57,9 @@ def test_bench_writes_its_table_with_the_reference_of_each_round(tmp_path, monke
     monkeypatch.setattr(bench, "REFERENCE", fake)
     out = tmp_path / "benchmarks.md"
     out.write_text("# Benchmarks\n\nprose that must survive\n")
-    assert bench.main(["--presets", "rnn", "--epochs", "2", "--warmup", "1", "--rounds", "2",
-                       "--round-epochs", "1", "--gen-chars", "0", "--write", str(out),
-                       "--set", tiny_overrides[0]]) == 0
+    assert run_script("bench", ["--presets", "rnn", "--epochs", "2", "--warmup", "1",
+                                "--rounds", "2", "--round-epochs", "1", "--gen-chars", "0",
+                                "--write", str(out), "--set", tiny_overrides[0]]) == 0
     text = out.read_text()
     assert "prose that must survive" in text and "<!-- bench:cpu data.data_dir=" in text
     row = next(line for line in text.splitlines() if line.startswith("| rnn |"))

@@ -93,16 +93,16 @@ def test_context_from_env():
 
 
 def test_batch_size_must_split_evenly():
-    checks.check_batch_size(32, distributed.DistContext(0, 4, 0))
+    checks.check_batch_size(32, distributed.DistContext(0, 4, 0).world_size)
     with pytest.raises(ConfigError, match="choose a multiple of 3"):
-        checks.check_batch_size(32, distributed.DistContext(0, 3, 0))
+        checks.check_batch_size(32, distributed.DistContext(0, 3, 0).world_size)
 
 
 def test_batch_shards_are_refused_under_ddp():
     cfg = load_config(None, ["train.batch_shards=2"])
-    checks.check_distributed(cfg, distributed.DistContext())  # one process: fine
+    checks.check_distributed(cfg, distributed.DistContext().world_size)  # one process: fine
     with pytest.raises(ConfigError, match="batch_shards=2 cannot be combined with 2 torchrun"):
-        checks.check_distributed(cfg, distributed.DistContext(0, 2, 0))
+        checks.check_distributed(cfg, distributed.DistContext(0, 2, 0).world_size)
 
 
 def test_device_per_rank():

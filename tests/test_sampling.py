@@ -20,6 +20,7 @@ from rnnlm.evaluation.sampling import (
     sampler,
     write_samples,
 )
+from rnnlm.models.base import Decoder
 from rnnlm.training.run import train
 from tests.conftest import ROOT
 
@@ -133,6 +134,9 @@ def test_text_streams_as_it_is_generated(model_and_vocab):
         def forward(self, tokens, state):
             steps.append(1)
             return model(tokens, state)
+
+        def decoder(self):  # the contract's default decoder: this module on one token
+            return Decoder(self)
 
     class Recording(io.StringIO):
         def __init__(self):

@@ -9,7 +9,7 @@ top-level scripts (train.py, sample.py, ...) run the same modules under their ol
 A command module imports only the standard library at its top; torch and rnnlm's own
 modules are imported inside `run`, so that `--help` answers at once. The commands
 sit above everything else: they may import any part of rnnlm, and no part of rnnlm imports
-them (rnnlm.tools.bench.main is a late-bound alias kept for its callers).
+them.
 """
 
 from __future__ import annotations

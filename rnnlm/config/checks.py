@@ -2,8 +2,9 @@
 
 * ``validate(cfg)``: what can be decided from the config alone (ranges, combinations, what
   the model kind supports); run at load, so a bad config fails before anything starts.
-* ``check_run(cfg, device, ctx)``: what needs the place the run lands on (the device, the
-  C kernels' availability there, the torchrun processes); run at the start of training.
+* ``check_run(cfg, device, shards)``, ``check_distributed(cfg, world_size)``: what needs
+  the place the run lands on (the device, the C kernels' availability there, the torchrun
+  processes); run at the start of training.
 * ``resolve_device(name)``: the device a config or option names, refused when absent.
 
 Checks that need the corpus itself (a text too short for one batch) belong to the data layer,
@@ -27,7 +28,6 @@ from rnnlm.models import MODEL_KINDS, LanguageModel
 
 if TYPE_CHECKING:
     from rnnlm.config.schema import Config, TrainConfig
-    from rnnlm.training.distributed import DistContext
 
 
 def _require(ok: bool, message: str) -> None:
@@ -253,26 +253,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_batch_size(batch_size: int, ctx: DistContext) -> None:
+def check_batch_size(batch_size: int, world_size: int) -> None:
     """data.batch_size is the global batch: it must split evenly over the processes."""
-    if batch_size % ctx.world_size:
+    if batch_size % world_size:
         raise ConfigError(
-            f"data.batch_size={batch_size} is not divisible by the {ctx.world_size} "
+            f"data.batch_size={batch_size} is not divisible by the {world_size} "
             f"processes of this run (nodes x --nproc_per_node): data.batch_size is the global "
-            f"batch, so choose a multiple of {ctx.world_size} or another process count")
+            f"batch, so choose a multiple of {world_size} or another process count")
 
 
-def check_distributed(cfg: Config, ctx: DistContext) -> None:
-    """What a data-parallel run cannot do, found before any process waits for another."""
-    if not ctx.enabled:
+def check_distributed(cfg: Config, world_size: int) -> None:
+    """What a data-parallel run of `world_size` processes cannot do, found before any
+    process waits for another."""
+    if world_size == 1:
         return
-    check_batch_size(cfg.data.batch_size, ctx)
+    check_batch_size(cfg.data.batch_size, world_size)
     if fixed_shards(cfg.train) > 1:
         # Shards compute gradients with torch.autograd.grad, which bypasses DDP's
         # all-reduce hooks; one process per core already gives each core its lanes.
         raise ConfigError(
             f"train.batch_shards={cfg.train.batch_shards} cannot be combined with "
-            f"{ctx.world_size} torchrun processes: run one single-threaded process per core "
+            f"{world_size} torchrun processes: run one single-threaded process per core "
             f"(torchrun --nproc_per_node=CORES) and leave train.batch_shards at 1")
 
 

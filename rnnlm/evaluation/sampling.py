@@ -17,7 +17,6 @@ import torch
 from rnnlm.config import ConfigError
 from rnnlm.data.corpus import PREPROCESSORS, Vocab
 from rnnlm.models import LanguageModel
-from rnnlm.models.decoding import Decoder
 
 Picker = Callable[[torch.Tensor], torch.Tensor]  # logits (N, V) -> ids (N,)
 
@@ -60,10 +59,7 @@ def generate(model: LanguageModel, prefix_ids: torch.Tensor, num_chars: int,
     scratch models prepared weights and no autograd).
     """
     was_training = model.training
-    # Every LanguageModel hands out its own decoder; any other module that keeps the
-    # forward contract (a wrapper, say) is run on windows of one token. Either puts the
-    # model in eval mode.
-    decoder = model.decoder() if hasattr(model, "decoder") else Decoder(model)
+    decoder = model.decoder()  # the model's own; it puts the model in eval mode
     try:
         logits = decoder.feed(prefix_ids)  # (1, V)
         for i in range(num_chars):

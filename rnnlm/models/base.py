@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnlm.models.decoding import Decoder
-
 State = tuple[torch.Tensor, ...]
 
 
@@ -160,6 +158,32 @@ class LanguageModel(nn.Module):
         Each kind hands out the fastest decoder that runs its own functions, so generation
         cannot drift from training; this default runs the model on a window of one token."""
         return Decoder(self)
+
+
+class Decoder:
+    """step(token_id) -> logits (1, V), advancing an internal state (batch of one).
+
+    The model itself on a window of one token. Building a decoder puts the model in eval
+    mode (decoding is inference: no dropout); the caller restores the mode it wants.
+    """
+
+    def __init__(self, model: LanguageModel):
+        model.eval()
+        self.model = model
+        self.state: State = model.begin_state(1)
+        self.device = model.output.weight.device
+
+    @torch.no_grad()
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Run a whole prefix (1-D ids) as one window; logits of its last position (1, V)."""
+        logits, self.state = self.model(ids.view(1, -1).to(self.device), self.state)
+        return logits[-1]
+
+    @torch.no_grad()
+    def step(self, token_id: int) -> torch.Tensor:
+        token = torch.tensor([[token_id]], device=self.device)
+        logits, self.state = self.model(token, self.state)
+        return logits[-1]
 
 
 def detach_state(state: State) -> State:

@@ -1,53 +1,23 @@
-"""Fast one-token-at-a-time inference for generation: the decoders models hand out.
+"""Fast one-token-at-a-time inference for cores that step through time with a cell function.
 
 Training runs whole windows; generation runs one step per character, where the cost is op
-count and memory traffic, not FLOPs. Every model gives its own decoder
-(`LanguageModel.decoder()`), so generation runs the very functions the model trains with:
+count and memory traffic, not FLOPs. Every model hands out its own decoder
+(`LanguageModel.decoder()`, whose default, `base.Decoder`, runs the model on a window of one
+token). `PreparedDecoder` is what the scratch models hand out: each layer's own cell on
+weights prepared once (contiguous transposed matrices, the first layer's input projection of
+every token as a table), so that a step is a table row, the cell's handful of ops per layer
+and one output matmul, with no autograd; generation runs the very functions the model trains
+with.
 
-- `Decoder`, every model's default: the model itself on a window of one token.
-- `PreparedDecoder`, for cores that step through time with a cell function (the scratch
-  models): each layer's own cell on weights prepared once (contiguous transposed matrices,
-  the first layer's input projection of every token as a table), so that a step is a table
-  row, the cell's handful of ops per layer and one output matmul, with no autograd.
-
-This module knows no model kind: what it needs from a model is the contract of base.py and,
-for `PreparedDecoder`, the layers the model passes in.
+This module knows no model kind: what it needs is the contract of base.py and the layers the
+model passes in.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:  # base.py imports this module: no import of it at run time
-    from rnnlm.models.base import LanguageModel, State
-
-
-class Decoder:
-    """step(token_id) -> logits (1, V), advancing an internal state (batch of one).
-
-    The model itself on a window of one token. Building a decoder puts the model in eval
-    mode (decoding is inference: no dropout); the caller restores the mode it wants.
-    """
-
-    def __init__(self, model: LanguageModel):
-        model.eval()
-        self.model = model
-        self.state: State = model.begin_state(1)
-        self.device = model.output.weight.device
-
-    @torch.no_grad()
-    def feed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Run a whole prefix (1-D ids) as one window; logits of its last position (1, V)."""
-        logits, self.state = self.model(ids.view(1, -1).to(self.device), self.state)
-        return logits[-1]
-
-    @torch.no_grad()
-    def step(self, token_id: int) -> torch.Tensor:
-        token = torch.tensor([[token_id]], device=self.device)
-        logits, self.state = self.model(token, self.state)
-        return logits[-1]
+from rnnlm.models.base import Decoder, LanguageModel
 
 
 class PreparedDecoder(Decoder):

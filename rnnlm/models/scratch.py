@@ -21,8 +21,8 @@ from torch import nn
 
 from rnnlm.bptt.gated import gru_window, lstm_window
 from rnnlm.bptt.rnn import manual_rnn_window, scale_grad
-from rnnlm.models.base import LanguageModel, State, Supports
-from rnnlm.models.decoding import Decoder, PreparedDecoder
+from rnnlm.models.base import Decoder, LanguageModel, State, Supports
+from rnnlm.models.decoding import PreparedDecoder
 
 
 def rnn_cell(xw_t, state, w_hh, b_hh):

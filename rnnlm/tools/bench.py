@@ -292,14 +292,6 @@ def check_counts(args) -> None:
                           f"got {args.rounds}, {args.round_epochs} and {args.gen_chars}")
 
 
-def main(argv=None) -> int:
-    """`python bench.py` with `argv` (default: the process's arguments), for the callers of
-    this entry point; the command itself is rnnlm.commands.bench."""
-    from rnnlm.commands import run_script  # late: the command imports this module
-
-    return run_script("bench", argv)
-
-
 def benchmark(args, command: str) -> int:
     """Run the benchmark that `args` (the options of `rnnlm bench`, see
     rnnlm.commands.bench) describe, print its report and write it to args.write; `command`

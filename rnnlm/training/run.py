@@ -73,7 +73,7 @@ def train(cfg: Config, quiet: bool = False, out=sys.stdout, resume: dict | None 
     Under torchrun this process is one rank of a data-parallel job (rnnlm.training.distributed);
     alone it is the whole job."""
     ctx = distributed.context_from_env()
-    check_distributed(cfg, ctx)
+    check_distributed(cfg, ctx.world_size)
     device = distributed.device_for_rank(resolve_device(cfg.device), ctx)
     quiet = quiet or not ctx.is_main
     show_bar = (not quiet and out.isatty()) if progress is None else progress and ctx.is_main
