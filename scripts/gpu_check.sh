@@ -9,7 +9,7 @@ mkdir -p "$out"
 python=${PYTHON:-python3}
 nvidia-smi -L
 "$python" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-"$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15
+"$python" -m pytest -q -p no:cacheprovider tests/training/test_cuda.py 2>&1 | tail -15
 "$python" bench.py --device cuda --epochs "$epochs" --no-reference \
   --write "$out/benchmarks_gpu.md" 2>"$out/bench_gpu.log"
 "$python" bench.py --device cuda --epochs "$epochs" --no-reference \

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # Build rnnlm/kernels/cells.c into a folder of this test session, not the user's cache. Set
-# here, before any test module is imported (test_native_cells' skip mark builds it then);
+# here, before any test module is imported (test_native's skip mark builds it then);
 # subprocesses inherit the variable; the folder goes when the session's interpreter exits.
 _NATIVE_CACHE = tempfile.TemporaryDirectory(prefix="rnnlm-native-")
 os.environ["RNNLM_NATIVE_CACHE"] = _NATIVE_CACHE.name

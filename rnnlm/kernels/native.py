@@ -14,7 +14,7 @@ Function; the backward loops also compute each gate's derivative factors step by
 rnnlm.bptt does for the whole window in separate tensor ops (memory-bound passes over
 (T, B, H) arrays that cost the GRU as much as its matmuls). They take float32 CPU tensors and
 no randomized-truncation xi. Results match the TorchScript loops to float32 rounding (cells.c
-computes exp itself, to ~1e-7 relative error): tests/test_native.py.
+computes exp itself, to ~1e-7 relative error): tests/kernels/test_native.py.
 
 Whole windows (`windows_available()`): the step loop itself also runs in C, calling the
 single-precision GEMM of the MKL inside PyTorch's x86-64 builds, whose entry points are

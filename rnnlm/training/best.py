@@ -112,6 +112,11 @@ class BestSoFar:
         self.metric = {"metric": metric, "value": value, "epoch": record["epoch"]}
         return True
 
+    def state_dicts(self) -> dict:
+        """What a checkpoint's run_state keeps of the best so far (its `best` is `metric`)."""
+        return {"early_stop": self.stopper.state_dict(),
+                "best_weights": self.weights.state_dict()}
+
     def restore(self, best: dict | None, run_state: dict | None) -> None:
         """Continue from a checkpoint's `best` and `run_state`. Checkpoints of older versions
         have no run_state (or parts of it): those parts start afresh."""

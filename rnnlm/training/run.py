@@ -366,13 +366,12 @@ class TrainingRun:
         position = {"epoch": epoch, "step": self.step + batches,
                     "wall_s": self.wall_offset + time.perf_counter() - self.wall_start,
                     "batch": batches, "partial": progress.to_dict() if progress else None}
-        best, average = self.best, self.average
-        run_state = {"schedule": self.schedule.state_dict(),
-                     "early_stop": best.stopper.state_dict(),
+        best, average = self.best.state_dicts(), self.average
+        run_state = {"schedule": self.schedule.state_dict(), "early_stop": best["early_stop"],
                      "average": average.state_dict() if average is not None else None,
-                     "best_weights": best.weights.state_dict()}
+                     "best_weights": best["best_weights"]}
         ckpt = make_checkpoint(self.cfg, self.model, self.optimizer, self.corpus.vocab,
-                               self.corpus.preprocess, position, best.metric, self.record,
+                               self.corpus.preprocess, position, self.best.metric, self.record,
                                run_state)
         for name in names:
             atomic_save(ckpt, self.out_dir / name)

@@ -16,7 +16,7 @@ from rnnlm.evaluation.scoring import heldout_ids, load_scored, score, text_ids
 from rnnlm.models import build_model
 from rnnlm.training.run import train
 from tests.conftest import ROOT, time_machine_source
-from tests.test_heldout import read_records
+from tests.training.test_heldout import read_records
 
 CPU = torch.device("cpu")
 

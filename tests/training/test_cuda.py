@@ -1,4 +1,5 @@
-"""GPU checks, skipped without CUDA: `python -m pytest tests/test_cuda.py` on a CUDA machine."""
+"""GPU checks, skipped without CUDA: run `python -m pytest tests/training/test_cuda.py` on a
+CUDA machine."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from rnnlm.config import load_config
 from rnnlm.models import MODEL_KINDS
 from rnnlm.training.run import train
 from tests.conftest import ROOT
-from tests.test_epoch import read_metrics
+from tests.training.test_epoch import read_metrics
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -30,7 +31,7 @@ def test_cuda_training_with_and_without_graphs_agree(kind, tiny_overrides, tmp_p
 
 @cuda
 def test_scratch_equals_twin_on_cuda():
-    from tests.test_models import copy_into_twin, make
+    from tests.models.test_models import copy_into_twin, make
     torch.manual_seed(0)
     for scratch_kind, twin_kind in [("rnn_scratch", "rnn"), ("gru_scratch", "gru"),
                                     ("lstm_scratch", "lstm")]:

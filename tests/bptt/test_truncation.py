@@ -273,7 +273,7 @@ def test_stopped_mid_epoch_and_resumed_equals_uninterrupted(strategy, data_dir, 
     epoch's generator, so a run stopped inside an epoch resumes bit for bit."""
     from rnnlm.checkpoint import CheckpointError
     from rnnlm.training.interrupts import TrainingInterrupted
-    from tests.test_resume import StopAfter, records, resume
+    from tests.training.test_resume import StopAfter, records, resume
 
     def cfg(out):
         return load_config(ROOT / "configs/tiny.yaml",

@@ -2,7 +2,7 @@
 size, recovered by torchrun after a lost worker (train.auto_resume), stopped by Ctrl-C.
 
 Each test starts torchrun once; the reference is one uninterrupted single-process run, which
-the 2-process run reproduces to ~1e-5 (tests/test_distributed.py)."""
+the 2-process run reproduces to ~1e-5 (tests/training/test_distributed.py)."""
 
 import json
 import os
@@ -18,13 +18,13 @@ from rnnlm.config import load_config
 from rnnlm.training.interrupts import TrainingInterrupted
 from rnnlm.training.run import train
 from tests.conftest import ROOT
-from tests.test_distributed import TORCHRUN, single_process_env
-from tests.test_resume import StopAfter
+from tests.training.test_distributed import TORCHRUN, single_process_env
+from tests.training.test_resume import StopAfter
 
 EPOCHS = 4
 SETTINGS = ["train.threads=1", "train.predict_every=0", "data.max_tokens=800",
             "train.checkpoint_every=1", "train.auto_resume=true", f"train.epochs={EPOCHS}"]
-PROBE = str(ROOT / "tests" / "torchrun_probe.py")
+PROBE = str(ROOT / "tests" / "training" / "torchrun_probe.py")
 
 
 def read_metrics(out_dir):

@@ -8,7 +8,7 @@ import torch
 from rnnlm.models import MODEL_KINDS
 from rnnlm.models.decoding import PreparedDecoder
 from rnnlm.models.scratch import ScratchLM
-from tests.test_models import V, make
+from tests.models.test_models import V, make
 
 CASES = [(kind, activation) for kind, cls in MODEL_KINDS.items()
          for activation in cls.activations]

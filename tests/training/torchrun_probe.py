@@ -1,4 +1,4 @@
-"""train.py as torchrun's entry point, with two probes for tests/test_ddp_resume.py.
+"""train.py as torchrun's entry point, with two probes for tests/training/test_ddp_resume.py.
 
 RNNLM_PROBE_SAVES=FILE   every checkpoint write appends "RANK NAME EPOCH BATCH" to FILE, and
                          each rank's exit "RANK exit CODE".
@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import rnnlm.training.epoch as epoch  # noqa: E402

@@ -214,7 +214,7 @@ def test_two_processes_evaluate_like_one(data_dir, tmp_path, monkeypatch):
     validation and test numbers of a 2-process run equal the 1-process ones."""
     import subprocess
 
-    from tests.test_distributed import TORCHRUN, single_process_env
+    from tests.training.test_distributed import TORCHRUN, single_process_env
 
     overrides = [f"data.data_dir={data_dir}", "train.epochs=2", "train.threads=1",
                  "model.kind=gru", "data.split=[0.8,0.1,0.1]", "train.ema_decay=0.9",

@@ -35,7 +35,7 @@ from rnnlm.diagnostics.report import diagnose_checkpoint, pattern_windows
 from rnnlm.models import build_model
 from rnnlm.training.run import train
 from tests.conftest import ROOT
-from tests.test_models import copy_into_twin
+from tests.models.test_models import copy_into_twin
 
 V = 7
 

@@ -8,7 +8,7 @@ from rnnlm.models import MODEL_KINDS, build_model
 from rnnlm.training.run import train
 from rnnlm.training.step import ShardedForwardBackward, forward_backward
 from tests.conftest import ROOT
-from tests.test_epoch import read_metrics
+from tests.training.test_epoch import read_metrics
 
 
 def small_model(kind, *overrides):
