@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -146,25 +145,16 @@ def generate(model: TrainedModel, prefix: str | None = None, num_chars: int = 10
     if not isinstance(model, TrainedModel):
         raise ConfigError(f"generate needs what rnnlm.train or rnnlm.load returned, got "
                           f"{type(model).__name__}")
-    greedy = not temperature
-    _require(isinstance(num_chars, int) and num_chars >= 1,
+    _require(isinstance(num_chars, int) and not isinstance(num_chars, bool) and num_chars >= 1,
              f"num_chars must be a whole number >= 1, got {num_chars!r}")
-    _require(temperature is None or (math.isfinite(temperature) and temperature >= 0),
+    _require(temperature is None or temperature >= 0,
              f"temperature must be >= 0 (0 or None: the most likely character every time), "
              f"got {temperature}")
-    if greedy:
-        given = [name for name, value in (("top_k", top_k), ("top_p", top_p), ("seed", seed))
-                 if value is not None]
-        _require(not given, f"{', '.join(given)} would have no effect on greedy decoding "
-                            f"(temperature 0 or None): give a temperature > 0 to sample")
-    _require(top_k is None or top_k >= 1, f"top_k must be >= 1, got {top_k}")
-    _require(top_p is None or 0.0 < top_p <= 1.0, f"top_p must be in (0, 1], got {top_p}")
-    _require(unknown in ("error", "replace"),
-             f"unknown must be 'error' or 'replace', got {unknown!r}")
+    greedy = not temperature
     options = SamplingOptions(num_chars=num_chars, temperature=None if greedy else temperature,
                               top_k=top_k, top_p=top_p, greedy=greedy, seed=seed,
                               unknown=unknown)
-    options.validate()
+    options.validate(_keyword)  # the rules of `rnnlm sample`, named as this function's
     text = model.config.train.prefix if prefix is None else prefix
     ids = encode_prefix(text, model.vocab, model.preprocess, unknown)
     # write_samples is what `rnnlm sample` prints with: the same text, character for character
@@ -194,6 +184,12 @@ def _override(key: str, value) -> str:
     unchanged (a string stays a string, a list a list)."""
     text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()
     return f"{key}={text.removesuffix('...').strip()}"  # a scalar's document-end marker
+
+
+def _keyword(field: str) -> str:
+    """A sampling option as generate() spells it, for SamplingOptions.validate's messages."""
+    return {"greedy": "greedy decoding (temperature 0 or None)",
+            "sample instead": "give a temperature > 0 to sample"}.get(field, field)
 
 
 def _require(ok: bool, message: str) -> None:

@@ -116,10 +116,3 @@ def test_commands_name_themselves_as_the_user_called_them():
     parser = cli.build_parser("rnnlm")
     sub = parser.parse_args(["sample", "--checkpoint", "x.pt"])._parser
     assert sub.prog == "rnnlm sample" and "written by rnnlm train" in sub.description
-
-
-def test_bench_presets_are_the_benchmarks_own():
-    """`rnnlm bench --help` lists the presets without importing torch: the same list."""
-    from rnnlm.tools import bench
-
-    assert command("bench").BOOK_PRESETS == bench.BOOK_PRESETS

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rnnlm.tools.presets import BOOK_PRESETS
+
 SUMMARY = "speed of the book presets against the D2L reference"
 DESCRIPTION = """\
 Training and generation speed of the book presets, side by side with the D2L reference.
@@ -26,9 +28,6 @@ predict_ch8.
 Each --variant adds, per preset, a row trained with those overrides (comma-separated), with
 its speed relative to the preset's own row, measured in the same rounds, and its perplexity."""
 FORMATTER = argparse.RawDescriptionHelpFormatter
-# rnnlm.tools.bench.BOOK_PRESETS, spelled out here so that --help needs no torch
-BOOK_PRESETS = ["rnn_scratch", "rnn_scratch_random", "gru_scratch", "lstm_scratch", "rnn",
-                "gru", "lstm"]
 BENCHMARKS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 
 

@@ -81,6 +81,12 @@ def predict_greedy(model: LanguageModel, vocab, prefix_ids, num_chars: int) -> s
 # ---------------------------------------------------------------------------- sample.py
 
 
+def flag(field: str) -> str:
+    """A sampling option as `rnnlm sample` spells it: top_k -> --top-k."""
+    return {"sample instead": "drop --greedy"}.get(field, "--" + field.replace("_", "-"))
+
+
+
 @dataclass
 class SamplingOptions:
     num_chars: int = 200
@@ -92,29 +98,36 @@ class SamplingOptions:
     num_samples: int = 1
     unknown: str = "error"  # characters of the prefix outside the vocabulary: error | replace
 
-    def validate(self) -> None:
+    def validate(self, name: Callable[[str], str] | None = None) -> None:
+        """Refuse options that make no sense together, in one line that names them the way
+        the user gave them: `name(field)` spells a field, as a command-line flag by default
+        ("top_k" -> "--top-k"); rnnlm.generate names its keywords instead."""
+        name = name or flag
+
         def require(ok: bool, message: str) -> None:
             if not ok:
                 raise ConfigError(message)
 
-        require(self.num_chars >= 1, f"--num-chars must be >= 1, got {self.num_chars}")
-        require(self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}")
+        require(self.num_chars >= 1, f"{name('num_chars')} must be >= 1, got {self.num_chars}")
+        require(self.num_samples >= 1,
+                f"{name('num_samples')} must be >= 1, got {self.num_samples}")
         require(self.temperature is None or (math.isfinite(self.temperature)
                                              and self.temperature > 0),
-                f"--temperature must be a number > 0, got {self.temperature} "
-                f"(for the most likely character every time use --greedy)")
-        require(self.top_k is None or self.top_k >= 1, f"--top-k must be >= 1, got {self.top_k}")
+                f"{name('temperature')} must be a number > 0, got {self.temperature} "
+                f"(for the most likely character every time use {name('greedy')})")
+        require(self.top_k is None or self.top_k >= 1,
+                f"{name('top_k')} must be >= 1, got {self.top_k}")
         require(self.top_p is None or 0.0 < self.top_p <= 1.0,
-                f"--top-p must be in (0, 1], got {self.top_p}")
+                f"{name('top_p')} must be in (0, 1], got {self.top_p}")
         require(self.unknown in ("error", "replace"),
-                f"--unknown must be error or replace, got {self.unknown!r}")
+                f"{name('unknown')} must be error or replace, got {self.unknown!r}")
         if self.greedy:
-            given = [flag for flag, value in (("--temperature", self.temperature),
-                                              ("--top-k", self.top_k), ("--top-p", self.top_p),
-                                              ("--seed", self.seed)) if value is not None]
-            require(not given, f"--greedy always takes the most likely character, so "
+            given = [name(field) for field in ("temperature", "top_k", "top_p", "seed")
+                     if getattr(self, field) is not None]
+            require(not given, f"{name('greedy')} always takes the most likely character, so "
                                f"{', '.join(given)} would have no effect: drop "
-                               f"{'it' if len(given) == 1 else 'them'} or drop --greedy")
+                               f"{'it' if len(given) == 1 else 'them'} or "
+                               f"{name('sample instead')}")
 
     def picker(self) -> Picker:
         if self.greedy:

@@ -1,20 +1,11 @@
-"""Training and generation speed of the book presets, side by side with the D2L reference.
+"""The speed benchmark of the book presets against the D2L reference (`rnnlm bench`; its
+--help says what it measures and how).
 
-For each preset: our tokens/s, the D2L reference's tokens/s measured in the same run
-(`d2l_reference.sh`, when it is available), the ratio, the model's FLOPs per token, the fp32
-matmul throughput measured at the model's own shapes (the roofline), the fraction of it we
-reach, and the final perplexity of both after one long run each, so that speed can never
-come from doing less work. Speeds come from short rounds taken in turns (ours, then the
-reference, --rounds times): the machine's speed drifts, and a ratio means something only
-between two trainers measured at the same moment. Then generation speed against D2L's
-predict_ch8.
-
-    python bench.py                       # all seven presets, 500 epochs (the book's budget)
-    python bench.py --epochs 30 --presets rnn_scratch gru
-    python bench.py --epochs 5 --variant train.precision=bf16 --variant train.compile=true
-
-Each --variant adds, per preset, a row trained with those overrides (comma-separated), with
-its speed relative to the preset's own row, measured in the same rounds, and its perplexity."""
+Per preset: our tokens/s and the D2L reference's in short rounds taken in turns, the model's
+matmul FLOPs per token and the fp32 roofline measured at its own shapes, the final perplexity
+of one long run of each; then generation speed against D2L's predict_ch8. `benchmark` runs
+it and writes the report into docs/benchmarks.md between its markers.
+"""
 
 from __future__ import annotations
 
@@ -40,8 +31,6 @@ from rnnlm.training.run import train
 from rnnlm.training.step import shard_pool
 
 ROOT = Path(__file__).resolve().parents[2]
-BOOK_PRESETS = ["rnn_scratch", "rnn_scratch_random", "gru_scratch", "lstm_scratch", "rnn",
-                "gru", "lstm"]
 REFERENCE = ROOT.parent / "shared" / "tools" / "d2l_reference.sh"
 GEN_REPEATS = 3  # generation runs of each side, taken in turns
 
