@@ -22,7 +22,6 @@ only when one of them is first used.
 from __future__ import annotations
 
 import io
-import json
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from rnnlm.errors import ConfigError
 from rnnlm.evaluation.sampling import SamplingOptions, encode_prefix, write_samples
 from rnnlm.models import LanguageModel
 from rnnlm.training import run as training_run
+from rnnlm.training.metrics import read_records
 
 __all__ = ["ConfigError", "Run", "TrainedModel", "generate", "load", "train"]
 
@@ -109,12 +109,12 @@ def train(config: str | Path | Config, *, epochs: int | None = None,
                           f"{type(config).__name__}")
     # out: the stdout of this moment (a notebook cell's, a redirect_stdout's), not the one
     # that was current when rnnlm.training.run was imported
-    result = training_run.train(cfg, quiet=quiet, out=sys.stdout, overwrite=overwrite,
-                                progress=not quiet if progress is None else progress)
+    result = training_run.train_new(cfg, overwrite=overwrite, quiet=quiet, out=sys.stdout,
+                                    progress=not quiet if progress is None else progress)
     out = Path(cfg.out_dir)
     trained = load(out / "last.pt", cfg.device)
     return Run(trained.model, trained.vocab, trained.preprocess, trained.config, trained.path,
-               out_dir=out, metrics=read_metrics(out), result=result)
+               out_dir=out, metrics=read_records(out), result=result or {})
 
 
 def load(path: str | Path, device: str = "auto") -> TrainedModel:
@@ -156,17 +156,9 @@ def generate(model: TrainedModel, prefix: str | None = None, num_chars: int = 10
                               unknown=unknown)
     options.validate(_keyword)  # the rules of `rnnlm sample`, named as this function's
     text = model.config.train.prefix if prefix is None else prefix
-    ids = encode_prefix(text, model.vocab, model.preprocess, unknown)
+    ids = encode_prefix(text, model.vocab, model.preprocess, unknown, _keyword)
     # write_samples is what `rnnlm sample` prints with: the same text, character for character
     return write_samples(model.model, model.vocab, ids, options, io.StringIO())[0]
-
-
-def read_metrics(out_dir: str | Path) -> list[dict]:
-    """The records of a run's metrics.jsonl (empty when it has none)."""
-    path = Path(out_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def _override_items(overrides: Mapping | Sequence[str] | None) -> list[str]:

@@ -41,6 +41,7 @@ import torch
 
 from rnnlm.config import Config, ConfigError, config_from_dict, parse_override
 from rnnlm.data.corpus import PREPROCESSORS, Vocab
+from rnnlm.models import build_model
 
 FORMAT = "rnnlm-checkpoint"
 FORMAT_VERSION = 1
@@ -111,10 +112,10 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} not found: give the path of a last.pt or "
-                              f"best.pt written by train.py")
+                              f"best.pt written by rnnlm train (train.py)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file: give the path of a last.pt "
-                              f"or best.pt written by train.py")
+                              f"or best.pt written by rnnlm train (train.py)")
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
         raise CheckpointError(f"{path} is not an rnnlm checkpoint: it is no file written by "
                               f"torch.save (or it is cut short)")
@@ -197,8 +198,6 @@ def load_model_weights(model: torch.nn.Module, ckpt: dict, where: str = "checkpo
 def model_from_checkpoint(ckpt: dict, device: torch.device, where: str = "checkpoint"):
     """Rebuild the trained model from the checkpoint alone: (model, vocab, preprocess, cfg).
     The weights are the ones evaluation scored: the averaged copy when the run kept one."""
-    from rnnlm.models import build_model  # late: keeps `import rnnlm.checkpoint` light
-
     cfg = checkpoint_config(ckpt, where)
     vocab, preprocess = checkpoint_vocab(ckpt, where)
     model = build_model(cfg.model, len(vocab))
@@ -360,7 +359,7 @@ def claim_out_dir(out_dir: Path, overwrite: bool, delete: bool = True) -> None:
     existing = [out_dir / name for name in CHECKPOINT_NAMES if (out_dir / name).exists()]
     if existing and not overwrite:
         raise CheckpointError(f"{out_dir} already holds {existing[0].name} from an earlier run: "
-                              f"continue it with `python train.py --resume {existing[0]}`, "
+                              f"continue it with `rnnlm train --resume {existing[0]}`, "
                               f"pass --overwrite to start over, or pick another out_dir "
                               f"(--set out_dir=...)")
     for path in existing if delete else []:

@@ -97,7 +97,7 @@ def leave(code: int) -> None:
 def torchrun_worker(environ=None) -> bool:
     """Whether this process is one of several that torchrun started (WORLD_SIZE > 1).
     Read here rather than through distributed.context_from_env because this module, like
-    config.py, imports no torch (distributed.py does at its top)."""
+    rnnlm.config, imports no torch (distributed.py does at its top)."""
     environ = os.environ if environ is None else environ
     try:
         return int(environ.get("WORLD_SIZE", "1")) > 1

@@ -144,3 +144,18 @@ def test_the_example_notebook_runs(tmp_path):
     # the progress bar is tqdm's notebook widget (tqdm.auto, with ipywidgets installed)
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
                for o in outputs)
+
+
+def test_train_follows_auto_resume_as_the_command_does(tmp_path, time_machine_path, capsys):
+    """train.auto_resume: the second call finds the finished run and trains nothing; a longer
+    one continues it from last.pt instead of refusing the folder."""
+    settings = {**SETTINGS, "data.data_dir": str(time_machine_path.parent),
+                "train.auto_resume": True}
+    config, out = ROOT / "configs" / "tiny.yaml", tmp_path / "run"
+    first = rnnlm.train(config, out_dir=out, quiet=True, overrides=settings)
+    again = rnnlm.train(config, out_dir=out, quiet=True, overrides=settings)
+    assert "has already completed train.epochs=2" in capsys.readouterr().err
+    assert again.result == {} and again.metrics == first.metrics
+    longer = rnnlm.train(config, out_dir=out, quiet=True, epochs=3, overrides=settings)
+    assert [r["epoch"] for r in longer.metrics] == [1, 2, 3]
+    assert longer.metrics[:2] == first.metrics

@@ -227,7 +227,7 @@ def sample_truncation_xi(num_steps: int, pi: float, generator: torch.Generator |
 
 
 def linear_closed_form_state_grads(dH: torch.Tensor, W_hh: torch.Tensor) -> torch.Tensor:
-    """dL/dh_t for phi = identity as the explicit sum of §3 step 3 (no recursion).
+    """dL/dh_t for phi = identity as the explicit sum of step 3 of docs/bptt.md §1 (no recursion).
 
     dH (T, B, H) holds the gradients reaching each h_t directly (W_qh^T dL/do_t, plus the
     final-state gradient at t = T). In torch.nn's row-vector convention

@@ -6,8 +6,9 @@ DESCRIPTION (its --help text, with the names of the commands left as {prog} and 
 to print, and `run(args) -> int`. rnnlm.cli builds the `rnnlm` parser from them; the
 top-level scripts (train.py, sample.py, ...) run the same modules under their old names.
 
-A command module imports only the standard library at its top; torch and rnnlm's own
-modules are imported inside `run`, so that `--help` answers at once. The commands
+A command module imports nothing at its top that loads torch (the standard library, and
+rnnlm.tools.presets for bench's list); the rest of rnnlm is imported inside `run`, so that
+`--help` answers at once. The commands
 sit above everything else: they may import any part of rnnlm, and no part of rnnlm imports
 them.
 """

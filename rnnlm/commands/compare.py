@@ -24,5 +24,5 @@ def run(args: argparse.Namespace) -> int:
     from rnnlm.tools.compare import compare, parse_seeds
 
     _, results = compare(args.config, args.vary, parse_seeds(args.seeds), args.set,
-                         timeout=args.timeout)
+                         timeout=args.timeout, command=args.invocation.line)
     return 0 if any(r.error is None for r in results) else 1

@@ -34,10 +34,8 @@ def check(args: argparse.Namespace) -> str | None:
 def run(args: argparse.Namespace) -> int:
     from rnnlm.checkpoint import load_checkpoint, resume_config
     from rnnlm.config import load_config
-    from rnnlm.training.auto_resume import plan as auto_resume_plan
-    from rnnlm.training.distributed import is_main_process
     from rnnlm.training.interrupts import TrainingInterrupted
-    from rnnlm.training.run import train
+    from rnnlm.training.run import train, train_new
 
     try:
         if args.resume:
@@ -46,18 +44,8 @@ def run(args: argparse.Namespace) -> int:
             train(cfg, quiet=args.quiet, resume=ckpt, resume_path=args.resume,
                   overwrite=args.overwrite)
         else:
-            cfg = load_config(args.config, args.set)
-            overwrite, ckpt, ckpt_path = args.overwrite, None, None
-            if cfg.train.auto_resume:
-                plan = auto_resume_plan(cfg, args.overwrite)
-                if plan.done:
-                    if is_main_process():
-                        print(f"{plan.path} has already completed train.epochs="
-                              f"{cfg.train.epochs}: nothing left to train", file=sys.stderr)
-                    return 0
-                overwrite, ckpt, ckpt_path = plan.overwrite, plan.checkpoint, plan.path
-            train(cfg, quiet=args.quiet, overwrite=overwrite, resume=ckpt,
-                  resume_path=ckpt_path)
+            train_new(load_config(args.config, args.set), quiet=args.quiet,
+                      overwrite=args.overwrite)
     except TrainingInterrupted as stop:
         if stop.checkpoint is not None:  # None on the other ranks of a DDP job
             where = f"in epoch {stop.epoch + 1} after batch {stop.batch}" if stop.batch else \

@@ -113,7 +113,7 @@ def _check_model(cfg: Config) -> None:
     _require(m.backward == "auto" or supports.manual_backward,
              f"model.backward: {m.backward} applies to the scratch kinds only "
              f"({kinds_that(lambda c: c.supports.manual_backward)}: a hand-written backward); "
-             f"{m.kind} is a torch.nn layer with its own backward (leave model.backward: auto)")
+             f"{m.kind} declares none and trains with autograd (leave model.backward: auto)")
     _require(m.backward != "manual" or (t.precision == "fp32" and not t.compile),
              "model.backward: manual is the fp32, eager hand-written backward; with "
              f"train.precision={t.precision} and train.compile={str(t.compile).lower()} use "
@@ -197,8 +197,8 @@ def _check_truncation(cfg: Config) -> None:
         instead = f"model.kind={cls.twin}" if cls.twin else \
             f"one of {kinds_that(lambda c: c.supports.randomized_truncation)}"
         raise ConfigError(f"train.truncation: randomized scales each step's dh_t/dh_(t-1), "
-                          f"which needs a step-by-step model, but {kind} runs the window in "
-                          f"one fused torch.nn call: use {instead} or another "
+                          f"which needs a step-by-step model, but {kind} does not run its "
+                          f"windows step by step: use {instead} or another "
                           f"train.truncation")
     _require(t.truncation != "variable_length" or d.iterator == "sequential",
              "train.truncation: variable_length moves where sequential lanes are cut (the "

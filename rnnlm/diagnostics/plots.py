@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rnnlm.errors import ConfigError
+
 SUMMARY_FILE = "diagnostics.json"
 PLOT_FILE = "diagnostics.png"
 
@@ -37,8 +39,6 @@ class RunDiagnostics:
 
 def load_run(path: str | Path) -> RunDiagnostics:
     """A run folder (or its diagnostics.json); a clear error when it has no diagnostics."""
-    from rnnlm.config import ConfigError
-
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"run {path} not found: pass a run folder (out_dir) or its "
@@ -47,7 +47,7 @@ def load_run(path: str | Path) -> RunDiagnostics:
     summary_path = folder / SUMMARY_FILE
     if not summary_path.is_file():
         raise ConfigError(f"{folder} holds no {SUMMARY_FILE}: train with "
-                          f"--set train.diagnostics=true or run diagnose.py --checkpoint first")
+                          f"--set train.diagnostics=true or run rnnlm diagnose --checkpoint first")
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     records = []
     metrics = folder / "metrics.jsonl"

@@ -12,7 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rnnlm.bptt.truncation import Truncation
+from rnnlm.bptt.truncation import Truncation, variable_length_of
+from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint
+from rnnlm.config import ConfigError, config_from_dict, parse_override
+from rnnlm.data.corpus import load_corpus
 from rnnlm.data.iterators import BatchIterator
 from rnnlm.diagnostics.gradients import (
     complex_pairs,
@@ -98,8 +101,6 @@ class DiagnosticsRecorder:
 def measure_checkpoint_model(model: LanguageModel, cfg, ids: np.ndarray, out_dir: Path,
                              epoch: int) -> tuple[Path, dict]:
     """diagnose.py's work: every measurement on a trained model, written into out_dir."""
-    from rnnlm.bptt.truncation import variable_length_of
-
     X, Y = diagnostic_batch(ids, cfg.data.batch_size, cfg.data.num_steps)
     record = epoch_record(model, X, Y)
     batches = BatchIterator(ids, cfg.data.batch_size, cfg.data.num_steps, cfg.data.iterator,
@@ -116,13 +117,10 @@ def measure_checkpoint_model(model: LanguageModel, cfg, ids: np.ndarray, out_dir
 def load_checkpoint_model(path: str | Path, overrides=()):
     """(model, config, vocab, epoch) from a training checkpoint (rnnlm.checkpoint). `--set`
     overrides may point the config at the corpus (data.*), never change the model."""
-    from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint
-    from rnnlm.config import ConfigError, config_from_dict, parse_override
-
     for item in overrides:
         key, _ = parse_override(item)
         if key.startswith("model."):
-            raise ConfigError(f"--set {item}: diagnose.py measures the model saved in {path}; "
+            raise ConfigError(f"--set {item}: rnnlm diagnose measures the model saved in {path}; "
                               f"its model.* settings cannot change")
     ckpt = load_checkpoint(path)
     model, vocab, _, _ = model_from_checkpoint(ckpt, torch.device("cpu"), str(path))
@@ -135,9 +133,6 @@ def diagnose_checkpoint(path: str | Path, out_dir: str | Path | None = None,
     """Measure a saved model on its own corpus; returns the plot's path and the diag_* keys.
     The results go into out_dir (default: diagnose-<name> beside the checkpoint), never over
     the training run's own diagnostics."""
-    from rnnlm.config import ConfigError
-    from rnnlm.data.corpus import load_corpus
-
     model, cfg, vocab, epoch = load_checkpoint_model(path, overrides)
     corpus = load_corpus(cfg.data)
     if corpus.vocab != vocab:

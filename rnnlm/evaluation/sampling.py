@@ -141,19 +141,24 @@ class SamplingOptions:
                        self.top_p, generator)
 
 
-def encode_prefix(prefix: str, vocab: Vocab, preprocess: str, unknown: str = "error"
-                  ) -> list[int]:
-    """The prefix through the model's own preprocessing, as ids of its vocabulary."""
+def encode_prefix(prefix: str, vocab: Vocab, preprocess: str, unknown: str = "error",
+                  name: Callable[[str], str] | None = None) -> list[int]:
+    """The prefix through the model's own preprocessing, as ids of its vocabulary: the one
+    way a prompt becomes ids, for sampling, the notebook API and the run's predictions.
+    `unknown`: characters outside the vocabulary are an error, or read as <unk> ("replace").
+    `name` spells the options in the messages, as SamplingOptions.validate's does."""
+    name = name or flag
     text = PREPROCESSORS[preprocess](prefix)
     if not text:
-        raise ConfigError(f"--prefix {prefix!r} is empty after {preprocess} preprocessing: give "
-                          f"at least one character the model knows")
+        raise ConfigError(f"{name('prefix')} {prefix!r} is empty after {preprocess} "
+                          f"preprocessing: give at least one character the model knows")
     try:
         return vocab.encode(text, unknown=unknown).tolist()
     except KeyError as exc:
         missing = " ".join(repr(c) for c in exc.args[0])
-        raise ConfigError(f"--prefix has characters the model never saw: {missing}; remove "
-                          f"them, or pass --unknown replace to read them as <unk>") from None
+        raise ConfigError(f"{name('prefix')} has characters the model never saw: {missing}; "
+                          f"remove them, or pass {name('unknown')} replace to read them as "
+                          f"<unk>") from None
 
 
 def write_samples(model: LanguageModel, vocab: Vocab, prefix_ids: list[int],

@@ -189,7 +189,7 @@ void gru_backward_step(float *dh, const float *dh_next, const float *rz_next, co
  * With the loop in Python every step pays two dispatches (the matmul, then the cell call),
  * about a tenth of a step at these sizes. Here the loop runs in C and calls BLAS directly:
  * the single-precision GEMM of the MKL that PyTorch itself links, whose entry points
- * native_cells.py looks up in the loaded torch library and hands over with set_blas (no
+ * native.py looks up in the loaded torch library and hands over with set_blas (no
  * link-time dependency; without them the Python loops above are used). The forward product
  * h_{t-1} W^T reuses one weight matrix for all T steps, so it is packed once per window into
  * MKL's internal layout (cblas_sgemm_pack / _compute): measured 1.3-1.4x faster than plain

@@ -1,4 +1,12 @@
-"""Model registry: `model.kind` -> class. Every class keeps the contract of `base.py`."""
+"""The models (D2L 8.5, 8.6, 9.1, 9.2): the contract every model keeps and what each kind
+declares it supports (base.py), the from-scratch cells (scratch.py), PyTorch's layers behind
+the same contract (torch_nn.py), the scratch models' one-step decoder (decoding.py), and here
+the registry: `model.kind` -> class.
+
+May import: rnnlm.bptt (the hand-written window backward the scratch layers run, and through
+it rnnlm.kernels). Nothing above: the config checks, the run and the commands ask the models,
+never the other way round.
+"""
 
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ from rnnlm.evaluation.sampling import generate
 from rnnlm.kernels import native
 from rnnlm.kernels.scripting import scripted
 from rnnlm.models import MODEL_KINDS, build_model
+from rnnlm.training.metrics import read_records
 from rnnlm.training.run import train
 from rnnlm.training.step import shard_pool
 
@@ -147,8 +148,7 @@ def run_ours(preset: str, epochs: int, warmup: int, out_root: Path, device: str,
                        f"device={device}", "train.predict_every=0", *overrides])
     with open(os.devnull, "w") as sink:
         record = train(cfg, quiet=True, out=sink)
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    speeds = [json.loads(line)["tokens_per_s"] for line in lines][warmup:]
+    speeds = [record["tokens_per_s"] for record in read_records(out_dir)][warmup:]
     return {"tokens_per_s": statistics.median(speeds), "ppl": record["train_ppl"], "cfg": cfg,
             "vocab": len(load_corpus(cfg.data).vocab)}
 

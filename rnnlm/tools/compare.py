@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
 import os
 import re
 import statistics
@@ -28,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from rnnlm.config import ConfigError, load_config
+from rnnlm.training.metrics import read_records
 
 # The folder that holds this rnnlm package: the child runs `python -m rnnlm train` with it on
 # its path, so it trains with this very code, from a checkout or from an installed package.
@@ -116,13 +116,6 @@ def make_variants(varies: list[str]) -> list[Variant]:
 # ---------------------------------------------------------------------------- runs
 
 
-def read_records(out_dir: Path) -> list[dict]:
-    path = out_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-
-
 def summarise(records: list[dict]) -> dict:
     epochs = [r for r in records if "epoch" in r and "train_ppl" in r]
     if not epochs:
@@ -159,8 +152,11 @@ def run_one(config: str, overrides: list[str], timeout: float | None) -> str | N
 
 
 def compare(config: str, varies: list[str], seeds: int = 1, sets: list[str] = (),
-            timeout: float | None = None, log=print) -> tuple[Path, list[RunResult]]:
-    """Run every variant and seed; write the table, CSV and plot; return (out_dir, runs)."""
+            timeout: float | None = None, log=print,
+            command: str | None = None) -> tuple[Path, list[RunResult]]:
+    """Run every variant and seed; write the table, CSV and plot; return (out_dir, runs).
+    `command`: the command line comparison.md records (default: the `rnnlm compare` that
+    asks for the same)."""
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     variants = make_variants(varies)
@@ -198,7 +194,8 @@ def compare(config: str, varies: list[str], seeds: int = 1, sets: list[str] = ()
             log(f"{label}: skipped ({result.error})")
         results.append(result)
 
-    write_outputs(out_dir, variants, results, config, varies, sets)
+    write_outputs(out_dir, variants, results, config,
+                  command or compare_command(config, varies, seeds, sets))
     log(markdown_table(variants, results))
     log(f"wrote {out_dir / 'comparison.md'}, comparison.csv and comparison.png")
     return out_dir, results
@@ -255,17 +252,18 @@ def mean_curves(runs: list[RunResult]) -> list[dict]:
             for e, slot in sorted(by_epoch.items())]
 
 
-def write_outputs(out_dir: Path, variants, results, config, varies, sets) -> None:
+def compare_command(config: str, varies: list[str], seeds: int, sets: list[str]) -> str:
+    return " ".join(["rnnlm compare --config", config, *(f"--vary {v}" for v in varies),
+                     *([f"--seeds {seeds}"] if seeds > 1 else []), *(f"--set {s}" for s in sets)])
+
+
+def write_outputs(out_dir: Path, variants, results, config: str, command: str) -> None:
     from rnnlm.training.plots import (
         plot_comparison,  # matplotlib only once there is something to draw
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = sorted({r.seed for r in results})
-    command = " ".join(["python compare.py --config", config,
-                        *(f"--vary {v}" for v in varies),
-                        *([f"--seeds {len(seeds)}"] if len(seeds) > 1 else []),
-                        *(f"--set {s}" for s in sets)])
     (out_dir / "comparison.md").write_text(
         f"# Comparison\n\n`{command}` (seeds {', '.join(map(str, seeds))})\n\n"
         f"{markdown_table(variants, results)}\n\n![curves](comparison.png)\n",

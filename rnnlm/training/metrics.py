@@ -10,8 +10,20 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rnnlm.training.epoch import EpochResult
+if TYPE_CHECKING:  # only named: reading a log (compare, the notebook API) needs no torch
+    from rnnlm.training.epoch import EpochResult
+
+METRICS_FILE = "metrics.jsonl"  # in out_dir
+
+
+def read_records(out_dir: str | Path) -> list[dict]:
+    """The records of the metrics.jsonl in `out_dir`, in order (empty when it has none)."""
+    path = Path(out_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def epoch_record(epoch: int, step: int, result: EpochResult, lr: float, wall_s: float) -> dict:

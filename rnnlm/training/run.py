@@ -41,18 +41,18 @@ from rnnlm.checkpoint import (
 )
 from rnnlm.config import Config, ConfigError, dump_yaml
 from rnnlm.config.checks import check_distributed, check_run, resolve_device
-from rnnlm.data.corpus import PREPROCESSORS, Corpus, load_corpus
+from rnnlm.data.corpus import load_corpus
 from rnnlm.data.iterators import BatchIterator
 from rnnlm.diagnostics.report import DiagnosticsRecorder
 from rnnlm.evaluation.evaluate import evaluate
-from rnnlm.evaluation.sampling import predict_greedy
+from rnnlm.evaluation.sampling import encode_prefix, predict_greedy
 from rnnlm.models import LanguageModel, build_model
-from rnnlm.training import distributed
+from rnnlm.training import auto_resume, distributed
 from rnnlm.training.averaging import WeightAverage
 from rnnlm.training.best import BestSoFar, BestWeights
 from rnnlm.training.epoch import EpochProgress, EpochResult, train_epoch
 from rnnlm.training.interrupts import StopRequest, TrainingInterrupted, stop_on_signals
-from rnnlm.training.metrics import MetricsLog, epoch_record
+from rnnlm.training.metrics import METRICS_FILE, MetricsLog, epoch_record
 from rnnlm.training.schedules import LRSchedule
 from rnnlm.training.step import ShardedForwardBackward, forward_backward, resolve_batch_shards
 
@@ -87,14 +87,28 @@ def train(cfg: Config, quiet: bool = False, out=sys.stdout, resume: dict | None 
                             stop, shards, show_bar)
 
 
+def train_new(cfg: Config, overwrite: bool = False, out=sys.stdout, **options) -> dict | None:
+    """A run from a config, as `rnnlm train --config` starts it: with train.auto_resume, one
+    that finds out_dir/last.pt continues it (and does nothing when that run had already
+    finished: None); otherwise a new run. `options` go to `train`."""
+    resume, path = None, None
+    if cfg.train.auto_resume:
+        plan = auto_resume.plan(cfg, overwrite)
+        if plan.done:
+            if distributed.is_main_process():
+                print(f"{plan.path} has already completed train.epochs={cfg.train.epochs}: "
+                      f"nothing left to train", file=sys.stderr)
+            return None
+        overwrite, resume, path = plan.overwrite, plan.checkpoint, plan.path
+    return train(cfg, out=out, overwrite=overwrite, resume=resume, resume_path=path, **options)
+
+
 def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device,
-                 quiet: bool, out, resume: dict | None = None,
-                 resume_path: str | Path | None = None, overwrite: bool = False,
-                 stop: StopRequest | None = None, shards: int = 1,
-                 show_bar: bool = False) -> dict:
+                 quiet: bool, out, resume: dict | None, resume_path: str | Path | None,
+                 overwrite: bool, stop: StopRequest, shards: int, show_bar: bool) -> dict:
     """The run, step by step (see the module docstring). `shards`: train.batch_shards
     resolved for this device (rnnlm.training.step.resolve_batch_shards)."""
-    run = TrainingRun(cfg, ctx, device, shards, StopRequest() if stop is None else stop, quiet, out)
+    run = TrainingRun(cfg, ctx, device, shards, stop, quiet, out)
     try:
         run.take_out_dir(resume_path if resume is not None else None, overwrite)
         if resume is not None:
@@ -143,7 +157,9 @@ class TrainingRun:
         self.on_step = (lambda: self.average.update(self.model)) \
             if self.average is not None else None  # after every optimizer step
         self.best = BestSoFar(cfg.train.early_stop_patience)
-        self.prompt = prefix_ids(self.corpus, cfg.train.prefix)
+        # the prompt of the progress lines; characters outside the text read as <unk>
+        self.prompt = encode_prefix(cfg.train.prefix, self.corpus.vocab, self.corpus.preprocess,
+                                    unknown="replace", name=lambda option: f"train.{option}")
         self.out_dir = Path(cfg.out_dir)
 
         # Filled by the steps that follow.
@@ -228,7 +244,7 @@ class TrainingRun:
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
-        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", append=self.resumed is not None)
+        self.metrics = MetricsLog(self.out_dir / METRICS_FILE, append=self.resumed is not None)
         if cfg.train.diagnostics:  # after a resume: "at the start" = the checkpoint's
             self.recorder = DiagnosticsRecorder(cfg, self.model, self.corpus.ids, self.batches,
                                                 self.truncation, self.out_dir)
@@ -366,10 +382,9 @@ class TrainingRun:
         position = {"epoch": epoch, "step": self.step + batches,
                     "wall_s": self.wall_offset + time.perf_counter() - self.wall_start,
                     "batch": batches, "partial": progress.to_dict() if progress else None}
-        best, average = self.best.state_dicts(), self.average
-        run_state = {"schedule": self.schedule.state_dict(), "early_stop": best["early_stop"],
-                     "average": average.state_dict() if average is not None else None,
-                     "best_weights": best["best_weights"]}
+        average = self.average.state_dict() if self.average is not None else None
+        run_state = {"schedule": self.schedule.state_dict(), "average": average,
+                     **self.best.state_dicts()}
         ckpt = make_checkpoint(self.cfg, self.model, self.optimizer, self.corpus.vocab,
                                self.corpus.preprocess, position, self.best.metric, self.record,
                                run_state)
@@ -476,18 +491,10 @@ def make_optimizer(cfg: Config, model: LanguageModel) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def prefix_ids(corpus: Corpus, prefix: str) -> list[int]:
-    """The prefix through the corpus' own preprocessing; unknown characters map to <unk>."""
-    text = PREPROCESSORS[corpus.preprocess](prefix)
-    if not text:
-        raise ConfigError(f"train.prefix {prefix!r} is empty after {corpus.preprocess} "
-                          f"preprocessing: give at least one character of the text")
-    return corpus.vocab.encode(text, unknown="replace").tolist()
-
-
 def plot_perplexity(records: list[dict], path: Path, title: str) -> None:
     """plots.plot_perplexity, imported at the first drawing: matplotlib takes about 0.5 s to
-    import, which sample.py (it imports this module) and every config error would pay."""
+    import, which a run that stops at a config error, and the tools and the notebook API that
+    import this module, would pay."""
     from rnnlm.training import plots
 
     plots.plot_perplexity(records, path, title)

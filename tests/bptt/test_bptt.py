@@ -170,7 +170,8 @@ def test_float32_close_to_autograd():
 
 
 def test_linear_closed_form_equals_recursion():
-    # §3 step 3: with phi = identity, dL/dh_t = sum_{i>=t} (W_hh^T)^{i-t} W_qh^T dL/do_i.
+    # docs/bptt.md §1, step 3: with phi = identity,
+    # dL/dh_t = sum_{i>=t} (W_hh^T)^{i-t} W_qh^T dL/do_i.
     # Since a_t = h_t, dL/dh_t (all paths) is the gradient of xw_t; the direct gradients dH
     # (output layer + final state) are those of the stacked hs.
     p = _lm(12, 2, 4, seed=9, w_scale=1.2)  # radius > 1: high powers matter

@@ -126,7 +126,7 @@ def test_trainer_passes_the_seeded_xi_and_it_changes_the_gradient():
 
 @pytest.mark.parametrize("strategy", ["randomized", "variable_length"])
 def test_strategies_with_batch_shards_match_one_thread(strategy):
-    """Lane shards on CPU threads (shards.py) see the same xi and window lengths: the epoch
+    """Lane shards on CPU threads (training/step.py) see the same xi and window lengths: the epoch
     equals the single-threaded one up to rounding."""
     cfg = config_from_dict({}, [f"train.truncation={strategy}", "model.hidden_size=6",
                                 "data.batch_size=4", "data.num_steps=8",

@@ -1,5 +1,5 @@
-"""Gradient-flow diagnostics: the measured ||dL/dh_t|| against the §3 equations, eigenvalues,
-the truncation pattern, the trainer's records and plots, and diagnose.py."""
+"""Gradient-flow diagnostics: the measured ||dL/dh_t|| against the equations of docs/bptt.md
+§1, eigenvalues, the truncation pattern, the trainer's records and plots, and diagnose.py."""
 
 from __future__ import annotations
 
@@ -63,8 +63,8 @@ def lane_norms_by_distance(grads):  # (T, B, H) -> [d = 0 .. T-1]
 
 @pytest.mark.parametrize("backward", ["manual", "autograd"])
 def test_state_gradients_follow_the_closed_form_of_the_linear_rnn(backward):
-    """dL/dh_t = sum_i (W_hh^T)^(i-t) W_qh^T dL/do_i (§3 step 3), measured by the diagnostic
-    pass, for the window loss and for the last step's loss."""
+    """dL/dh_t = sum_i (W_hh^T)^(i-t) W_qh^T dL/do_i (docs/bptt.md §1, step 3), measured by the
+    diagnostic pass, for the window loss and for the last step's loss."""
     model = make("rnn_scratch", activation="identity", backward=backward)
     with torch.no_grad():
         model.layers[0].weight_hh.mul_(0.5)
