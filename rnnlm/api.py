@@ -80,7 +80,8 @@ class Run(TrainedModel):
 def train(config: str | Path | Config, *, epochs: int | None = None,
           out_dir: str | Path | None = None, device: str | None = None,
           seed: int | None = None, overrides: Mapping | Sequence[str] | None = None,
-          overwrite: bool = False, quiet: bool = False, progress: bool | None = None) -> Run:
+          overwrite: bool = False, quiet: bool = False, progress: bool | None = None,
+          init_from: str | Path | None = None) -> Run:
     """Train a model as `rnnlm train --config CONFIG` does and return the Run.
 
     `config`: a YAML file (e.g. "configs/lstm.yaml") or a Config. `epochs`, `out_dir`,
@@ -89,11 +90,19 @@ def train(config: str | Path | Config, *, epochs: int | None = None,
     `--set`). A new run refuses an out_dir that holds a checkpoint unless `overwrite`
     (which deletes it first). `quiet`: only the final summary is printed. `progress`: a
     progress bar over the epochs (a widget in Jupyter, through tqdm.auto); None: one unless
-    `quiet`.
+    `quiet`. `init_from`: a checkpoint whose trained weights (not its averaged EMA copy) the
+    new run starts from, with a fresh optimizer and schedule (`rnnlm train --init-from`, for
+    fine-tuning on another text or config; the model kind and shapes must fit, and the text
+    may use only characters the checkpoint knows).
 
     Interrupting the kernel stops the run after the current batch: last.pt is written and
     rnnlm.training.interrupts.TrainingInterrupted raised; continue it with
     `rnnlm train --resume OUT_DIR/last.pt`.
+
+    A NaN or infinite loss, gradient norm or weight stops the run at once and raises
+    rnnlm.training.divergence.TrainingDiverged, whose message names the epoch, the batch and
+    the last finite loss; nothing is saved after it, so out_dir keeps the checkpoints from
+    before (`rnnlm train` prints the message and exits with 3).
     """
     sets = _override_items(overrides)
     for key, value in (("train.epochs", epochs), ("out_dir", out_dir), ("device", device),
@@ -109,8 +118,10 @@ def train(config: str | Path | Config, *, epochs: int | None = None,
                           f"{type(config).__name__}")
     # out: the stdout of this moment (a notebook cell's, a redirect_stdout's), not the one
     # that was current when rnnlm.training.run was imported
+    start = None if init_from is None else (load_checkpoint(init_from), init_from)
     result = training_run.train_new(cfg, overwrite=overwrite, quiet=quiet, out=sys.stdout,
-                                    progress=not quiet if progress is None else progress)
+                                    progress=not quiet if progress is None else progress,
+                                    init_from=start)
     out = Path(cfg.out_dir)
     trained = load(out / "last.pt", cfg.device)
     return Run(trained.model, trained.vocab, trained.preprocess, trained.config, trained.path,

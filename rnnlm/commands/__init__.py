@@ -2,6 +2,7 @@
 
 Every module holds the whole of one command: SUMMARY (its line in `rnnlm --help`),
 DESCRIPTION (its --help text, with the names of the commands left as {prog} and {train}),
+an optional EPILOG (the end of its --help text, e.g. its exit codes),
 `add_arguments(parser)`, an optional `check(args)` that returns a usage error for argparse
 to print, and `run(args) -> int`. rnnlm.cli builds the `rnnlm` parser from them; the
 top-level scripts (train.py, sample.py, ...) run the same modules under their old names.
@@ -57,6 +58,8 @@ def configure(parser: argparse.ArgumentParser, module: ModuleType,
     parser.description = module.DESCRIPTION.format(prog=invocation.prog,
                                                    train=invocation.train)
     parser.formatter_class = getattr(module, "FORMATTER", argparse.HelpFormatter)
+    if getattr(module, "EPILOG", None):  # e.g. the exit codes
+        parser.epilog = module.EPILOG.format(prog=invocation.prog, train=invocation.train)
     module.add_arguments(parser)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 SUMMARY = "train variants of one config and tabulate them"
 DESCRIPTION = "Compare variants of one config: {prog} --config FILE --vary KEY=V1,V2 [...]."
@@ -17,12 +18,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key for every variant (repeatable)")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                        help="give up on a run after this long (it is reported as failed)")
+                        help="stop a run after this long (it saves last.pt and is reported "
+                             "as failed; --resume continues it)")
+    rerun = parser.add_mutually_exclusive_group()
+    rerun.add_argument("--overwrite", action="store_true",
+                       help="out_dir holds an earlier comparison: start all its runs over")
+    rerun.add_argument("--resume", action="store_true",
+                       help="out_dir holds an earlier comparison: keep its finished runs, "
+                            "continue those with a last.pt, train the missing ones")
 
 
 def run(args: argparse.Namespace) -> int:
     from rnnlm.tools.compare import compare, parse_seeds
 
-    _, results = compare(args.config, args.vary, parse_seeds(args.seeds), args.set,
-                         timeout=args.timeout, command=args.invocation.line)
-    return 0 if any(r.error is None for r in results) else 1
+    rerun = "overwrite" if args.overwrite else "resume" if args.resume else None
+    try:
+        _, results = compare(args.config, args.vary, parse_seeds(args.seeds), args.set,
+                             timeout=args.timeout, command=args.invocation.line, rerun=rerun)
+    except KeyboardInterrupt:  # the run in progress has saved its last.pt (tools.compare)
+        again = args.invocation.line.replace(" --overwrite", "")
+        again += "" if args.resume else " --resume"
+        print(f"interrupted: no tables written; continue with: {again}", file=sys.stderr)
+        return 130
+    return 1 if any(r.error for r in results) else 0  # a failed run is not a success

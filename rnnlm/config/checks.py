@@ -29,6 +29,8 @@ from rnnlm.models import MODEL_KINDS, LanguageModel
 if TYPE_CHECKING:
     from rnnlm.config.schema import Config, TrainConfig
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
@@ -151,6 +153,10 @@ def _check_train(cfg: Config) -> None:
     _require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    # The optimizers multiply float32 tensors by these: past float32's range torch fails.
+    for key, value in (("lr", t.lr), ("weight_decay", t.weight_decay)):
+        _require(value <= FLOAT32_MAX, f"train.{key} must be at most {FLOAT32_MAX:.3g} (the "
+                                       f"largest float32), got {value:g}")
     _require(t.clip_norm is None or t.clip_norm > 0,
              f"train.clip_norm must be > 0 or null (no clipping), got {t.clip_norm}")
     _require(t.predict_every >= 0, f"train.predict_every must be >= 0, got {t.predict_every}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -29,21 +30,41 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"config file {path} not found: pass an existing YAML file")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML{_yaml_problem(exc)}") \
+                from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: it is not UTF-8 text "
+                              f"(byte {exc.start})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, not a "
                               f"{type(raw).__name__}")
     return config_from_dict(raw, overrides, source=str(path) if path else "defaults")
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where the parser stopped and why, in one line: " at line 3, column 7: mapping values
+    are not allowed here (while parsing a block mapping that starts at line 2, column 1)"."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return ": " + (str(exc).strip().splitlines() or ["unreadable"])[0]
+    text = f" at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start is not None:
+        text += f" ({context} that starts at line {start.line + 1}, column {start.column + 1})"
+    elif context:
+        text += f" ({context})"
+    return text
+
+
 def config_from_dict(raw: dict, overrides=(), source: str = "config") -> Config:
     raw = _deep_copy(raw)
+    overridden = set()
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
-    cfg = _build(Config, raw, prefix="", source=source)
+        overridden.add(key)
+    cfg = _build(Config, raw, prefix="", source=source, overridden=frozenset(overridden))
     # The checks ask the model classes, which import torch: loaded with the first config,
     # so that importing this module (every command's --help) stays light.
     from rnnlm.config.checks import validate
@@ -82,7 +103,15 @@ def _deep_copy(raw):
     return raw
 
 
-def _build(cls, raw: dict, prefix: str, source: str):
+def _blame(key: str, source: str, overridden: frozenset) -> str:
+    """Where the value of dotted `key` came from: --set when an override set it (or a section
+    above it), else `source` (the config file), so a message points at what to fix."""
+    if any(key == k or key.startswith(k + ".") for k in overridden):
+        return "--set"
+    return source
+
+
+def _build(cls, raw: dict, prefix: str, source: str, overridden: frozenset = frozenset()):
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping")
     hints = typing.get_type_hints(cls)
@@ -91,7 +120,8 @@ def _build(cls, raw: dict, prefix: str, source: str):
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise ConfigError(f"{source}: unknown key {prefix}{key}{hint}; "
+            raise ConfigError(f"{_blame(f'{prefix}{key}', source, overridden)}: unknown key "
+                              f"{prefix}{key}{hint}; "
                               f"valid keys here: {', '.join(names)}")
     kwargs = {}
     for name in names:
@@ -99,9 +129,11 @@ def _build(cls, raw: dict, prefix: str, source: str):
             continue
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, raw[name], f"{prefix}{name}.", source)
+            kwargs[name] = _build(hint, raw[name], f"{prefix}{name}.",
+                                  _blame(f"{prefix}{name}", source, overridden), overridden)
         else:
-            kwargs[name] = _coerce(raw[name], hint, f"{prefix}{name}", source)
+            kwargs[name] = _coerce(raw[name], hint, f"{prefix}{name}",
+                                   _blame(f"{prefix}{name}", source, overridden))
     return cls(**kwargs)
 
 
@@ -118,6 +150,8 @@ def _coerce(value, hint, key: str, source: str):
                 continue
             try:
                 return _coerce(value, option, key, source)
+            except _NotFinite:
+                raise  # the value is a number, just not a usable one: say so
             except ConfigError as exc:
                 errors.append(exc)
         allowed = " or ".join("null" if o is type(None) else _type_name(o) for o in options)
@@ -143,7 +177,7 @@ def _coerce(value, hint, key: str, source: str):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
-        return float(value)
+        return _finite(value, key, source)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
@@ -157,6 +191,23 @@ def _coerce(value, hint, key: str, source: str):
             raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this module
+
+
+class _NotFinite(ConfigError):
+    """A float key given NaN or infinity."""
+
+
+def _finite(value: int | float, key: str, source: str) -> float:
+    """`value` as a float, refused when NaN or infinite (inf, .nan, 1e400 or an integer past
+    a float's range): no float of a config has a use for them, and a NaN learning rate
+    would train on silently."""
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise _NotFinite(f"{source}: {key} must be a finite number, got {number}")
+    return number
 
 
 def _type_name(t) -> str:

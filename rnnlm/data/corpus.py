@@ -3,15 +3,15 @@
 `load_corpus` turns a data config into token ids: the text (the Time Machine, one file or a
 folder of `.txt` files, see `sources.py`) is tokenised without a Python loop over characters
 (see `tokens.py`), cached on disk as a memory-mapped id file, cut to `data.max_tokens`, and
-split into train / validation / test parts (see `splits.py`).
+split into train / validation / test parts (see `splits.py`). The corpus carries the
+fingerprint of what it was made from (`data_fingerprint`: the text's content hash and the
+settings that shaped the stream), which checkpoints keep.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -36,6 +36,7 @@ from rnnlm.data.tokens import (
     spaced_code_points,
     write_entry,
 )
+from rnnlm.files import WriteError, ensure_directory, write_atomic
 
 if TYPE_CHECKING:  # the data layer reads a DataConfig but imports nothing above it
     from rnnlm.config import DataConfig
@@ -72,25 +73,35 @@ def ensure_time_machine(data_dir: str | Path, url: str = TIME_MACHINE_URL,
             raise DataError(f"{target} has sha1 {found}, expected {sha1}: delete it to "
                             f"download a fresh copy")
         return target
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".timemachine.", suffix=".part", dir=data_dir)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                while block := response.read(1 << 16):
-                    out.write(block)
-        found = sha1_of(tmp)
-        if found != sha1:
-            raise DataError(f"downloaded {url} has sha1 {found}, expected {sha1}: the server "
-                            f"sent a different file; nothing was kept")
-        os.replace(tmp, target)
-    except (urllib.error.URLError, OSError) as exc:
-        raise DataError(f"could not download the Time Machine from {url} ({exc}); put the "
-                        f"file at {target} by hand (sha1 {sha1})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    ensure_directory(data_dir, "data.data_dir")
+
+    def failed(exc: BaseException) -> DataError:
+        return DataError(f"could not download the Time Machine from {url} ({exc}); put the "
+                         f"file at {target} by hand (sha1 {sha1})")
+
+    def download(out) -> None:
+        # Network errors are caught around the network calls only: an OSError from `out`
+        # is the disk's, and write_atomic reports it as such.
+        try:
+            response = urllib.request.urlopen(url, timeout=timeout)
+        except (urllib.error.URLError, OSError) as exc:
+            raise failed(exc) from None
+        digest = hashlib.sha1()
+        with response:
+            while True:
+                try:
+                    block = response.read(1 << 16)
+                except OSError as exc:
+                    raise failed(exc) from None
+                if not block:
+                    break
+                digest.update(block)
+                out.write(block)
+        if digest.hexdigest() != sha1:
+            raise DataError(f"downloaded {url} has sha1 {digest.hexdigest()}, expected {sha1}: "
+                            f"the server sent a different file; nothing was kept")
+
+    return write_atomic(target, download)
 
 
 # ---------------------------------------------------------------------------- preprocessing
@@ -184,6 +195,9 @@ class Corpus:
     source: str
     splits: Splits
     from_cache: bool = False
+    # What the stream was made from (data_fingerprint): checkpoints keep it, so a resumed run
+    # can tell that its text changed
+    fingerprint: dict | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -209,16 +223,18 @@ def tokenize(text: str, preprocess: str) -> tuple[np.ndarray, Vocab]:
 
 
 def tokenize_files(files: list[Path], preprocess: str, encoding_errors: str,
-                   cache_dir: Path | None) -> tuple[np.ndarray, Vocab, bool]:
+                   cache_dir: Path | None, text_hash: str | None = None,
+                   ) -> tuple[np.ndarray, Vocab, bool]:
     """Token ids, vocabulary, and whether the cache already held them.
 
     With a cache directory the ids come back memory-mapped from it (written first when
-    missing); without one they are built in memory and nothing is written.
+    missing); without one they are built in memory and nothing is written. `text_hash`: the
+    files' content_hash when the caller has it already.
     """
     if cache_dir is None:
         ids, vocab = _tokenize(files, preprocess, encoding_errors, sink=None)
         return ids, vocab, False
-    key = cache_key(content_hash(files), preprocess, encoding_errors)
+    key = cache_key(text_hash or content_hash(files), preprocess, encoding_errors)
     entry = read_entry(cache_dir, key)
     from_cache = entry is not None
     if not from_cache:
@@ -263,9 +279,9 @@ def _tokenize(files: list[Path], preprocess: str, encoding_errors: str,
         try:
             write_entry(cache_dir, key, meta,
                         lambda f: encode_blocks(blocks(), table, counts.total, f.write))
-        except OSError as exc:
-            raise DataError(f"cannot write the token cache in {cache_dir} ({exc.strerror}): "
-                            f"set data.cache: false, or a writable data.data_dir") from None
+        except WriteError as exc:
+            raise DataError(f"cannot write the token cache {exc.path} ({exc.reason}): set "
+                            f"data.cache: false, or a writable data.data_dir") from None
         return None, vocab
     except ChangedWhileReading:
         raise DataError(f"{files[0] if len(files) == 1 else 'a file of data.path'} changed "
@@ -287,16 +303,31 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     files = corpus_files(cfg)
     source = str(cfg.path) if cfg.path is not None else str(files[0])
     cache_dir = Path(cfg.data_dir) / "cache" if cfg.cache else None
+    text_hash = content_hash(files)  # before tokenising: the text the ids come from
     ids, vocab, from_cache = tokenize_files(files, cfg.preprocess, cfg.encoding_errors,
-                                            cache_dir)
+                                            cache_dir, text_hash)
     if cfg.max_tokens is not None:
         ids = ids[: cfg.max_tokens]
     splits = split_ids(ids, cfg.split)
     where = source if cfg.split is None else f"the training split of {source}"
     check_corpus_length(len(splits.train), cfg.batch_size, cfg.num_steps, where)
     check_heldout_lengths(splits, cfg.eval_lanes, source)
+    fingerprint = data_fingerprint(text_hash, files, source, cfg, len(ids), len(splits.train))
     return Corpus(ids=ids, vocab=vocab, preprocess=cfg.preprocess, source=source,
-                  splits=splits, from_cache=from_cache)
+                  splits=splits, from_cache=from_cache, fingerprint=fingerprint)
+
+
+def data_fingerprint(text_hash: str, files: list[Path], source: str, cfg: DataConfig,
+                     tokens: int, train_tokens: int) -> dict:
+    """What a run's token stream was made from, as plain data for its checkpoints: the
+    text's content hash (the token cache's, over the files' sizes and bytes: renaming or
+    moving the text keeps it), where the text was read, and the settings that turn the text
+    into the stream (preprocessing, bad-byte handling, max_tokens, split) with the lengths
+    they gave."""
+    return {"text_sha1": text_hash, "source": source, "files": len(files),
+            "preprocess": cfg.preprocess, "encoding_errors": cfg.encoding_errors,
+            "max_tokens": cfg.max_tokens, "split": None if cfg.split is None else list(cfg.split),
+            "tokens": tokens, "train_tokens": train_tokens}
 
 
 def min_corpus_tokens(batch_size: int, num_steps: int) -> int:

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from rnnlm.data.sources import iter_line_blocks
+from rnnlm.files import ensure_directory, write_atomic
 
 CACHE_FORMAT = 1
 MAX_CODE_POINT = 0x10FFFF
@@ -197,19 +196,6 @@ def cache_key(text_hash: str, preprocess: str, encoding_errors: str) -> str:
     return hashlib.sha1(what.encode()).hexdigest()[:24]
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; cache files are ordinary files
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def read_entry(directory: Path, key: str) -> tuple[np.ndarray, dict] | None:
     """A complete cache entry mapped read-only, or None (missing, partial or foreign)."""
     meta_path, ids_path = directory / f"{key}.json", directory / f"{key}.ids"
@@ -228,9 +214,9 @@ def read_entry(directory: Path, key: str) -> tuple[np.ndarray, dict] | None:
 
 
 def write_entry(directory: Path, key: str, meta: dict, fill: Callable) -> None:
-    """Write `key.ids` through `fill(file)` and then its sidecar, each atomically."""
-    directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / f"{key}.ids", fill)
-    _atomic_write(directory / f"{key}.json",
-                  lambda f: f.write(json.dumps(meta, ensure_ascii=True).encode()))
+    """Write `key.ids` through `fill(file)` and then its sidecar, each atomically; a failure
+    is a WriteError (rnnlm.files) and leaves no temporary file."""
+    ensure_directory(directory)
+    write_atomic(directory / f"{key}.ids", fill)
+    write_atomic(directory / f"{key}.json", json.dumps(meta, ensure_ascii=True))
 

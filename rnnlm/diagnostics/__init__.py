@@ -2,6 +2,7 @@
 distance, the eigenvalues of W_hh, truncation patterns (gradients.py), their per-run record
 and report (report.py) and figures (plots.py).
 
-May import: rnnlm.config, rnnlm.checkpoint, rnnlm.data, rnnlm.models, rnnlm.bptt.
+May import: rnnlm.config, rnnlm.checkpoint, rnnlm.data, rnnlm.models, rnnlm.bptt, and the
+bottom modules rnnlm.errors and rnnlm.files (safe writes).
 Never rnnlm.training: the run drives the recorder.
 """

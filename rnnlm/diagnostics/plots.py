@@ -14,15 +14,18 @@ before and after training and the truncation pattern). From those:
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from rnnlm.errors import ConfigError
+from rnnlm.files import ensure_directory, write_atomic
 
 SUMMARY_FILE = "diagnostics.json"
 PLOT_FILE = "diagnostics.png"
+MEASURED_PREFIX = "diagnose-"  # `rnnlm diagnose --checkpoint RUN/X.pt` writes RUN/diagnose-X/
 
 
 @dataclass
@@ -38,16 +41,27 @@ class RunDiagnostics:
 
 
 def load_run(path: str | Path) -> RunDiagnostics:
-    """A run folder (or its diagnostics.json); a clear error when it has no diagnostics."""
+    """A run folder (or its diagnostics.json); a clear error when it has no diagnostics. A
+    run folder trained without diagnostics stands for the one checkpoint of it that
+    `rnnlm diagnose --checkpoint` measured (its diagnose-NAME folder), so the command that the
+    error suggests is all it takes."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"run {path} not found: pass a run folder (out_dir) or its "
                           f"{SUMMARY_FILE}")
     folder = path if path.is_dir() else path.parent
+    name = folder.name
     summary_path = folder / SUMMARY_FILE
     if not summary_path.is_file():
-        raise ConfigError(f"{folder} holds no {SUMMARY_FILE}: train with "
-                          f"--set train.diagnostics=true or run rnnlm diagnose --checkpoint first")
+        measured = sorted(p.parent for p in folder.glob(f"{MEASURED_PREFIX}*/{SUMMARY_FILE}"))
+        if len(measured) > 1:
+            raise ConfigError(f"{folder} holds no {SUMMARY_FILE} of its own but several "
+                              f"measured checkpoints: pass one of them to --runs: "
+                              f"{', '.join(map(str, measured))}")
+        if not measured:
+            raise ConfigError(f"{folder} holds no {SUMMARY_FILE}: {_measure_hint(folder)}")
+        folder, name = measured[0], f"{name}/{measured[0].name}"
+        summary_path = folder / SUMMARY_FILE
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     records = []
     metrics = folder / "metrics.jsonl"
@@ -60,7 +74,21 @@ def load_run(path: str | Path) -> RunDiagnostics:
     if not records and "gnorm" in summary:  # a checkpoint measured by diagnose.py
         records = [{"epoch": summary.get("epoch", 0), "diag_gnorm": summary["gnorm"],
                     "diag_gnorm_last": summary["gnorm_last"]}]
-    return RunDiagnostics(name=folder.name, records=records, summary=summary)
+    return RunDiagnostics(name=name, records=records, summary=summary)
+
+
+def _measure_hint(folder: Path) -> str:
+    """What to run for diagnostics of `folder`: measure its checkpoint (whose diagnose-NAME
+    folder load_run then finds), or train with them."""
+    checkpoints = [folder / n for n in ("last.pt", "best.pt") if (folder / n).is_file()]
+    if not checkpoints:
+        return ("train with --set train.diagnostics=true, or measure a checkpoint with "
+                "rnnlm diagnose --checkpoint RUN/last.pt and pass RUN again")
+    ckpt = checkpoints[0]
+    return (f"measure its checkpoint first with rnnlm diagnose --checkpoint "
+            f"{shlex.quote(str(ckpt))} (it writes {folder / (MEASURED_PREFIX + ckpt.stem)}, "
+            f"which --runs {shlex.quote(str(folder))} then finds), or train with --set "
+            f"train.diagnostics=true")
 
 
 def _pyplot():
@@ -247,10 +275,10 @@ def _save(fig, path) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        ensure_directory(path.parent)
+        fig.tight_layout()
+        write_atomic(path, lambda f: fig.savefig(f, dpi=80, format="png"))
+    finally:
+        plt.close(fig)
     return path

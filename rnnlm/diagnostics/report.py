@@ -25,7 +25,14 @@ from rnnlm.diagnostics.gradients import (
     significant,
     truncation_pattern,
 )
-from rnnlm.diagnostics.plots import PLOT_FILE, SUMMARY_FILE, load_run, plot_run
+from rnnlm.diagnostics.plots import (
+    MEASURED_PREFIX,
+    PLOT_FILE,
+    SUMMARY_FILE,
+    load_run,
+    plot_run,
+)
+from rnnlm.files import ensure_directory, write_atomic
 from rnnlm.models import LanguageModel
 
 PATTERN_BATCHES = 3  # consecutive training batches drawn in the truncation pattern
@@ -66,10 +73,8 @@ def write_summary(out_dir: Path, model: LanguageModel, cfg, epoch: int, windows,
     if gnorms is not None:
         summary["gnorm"], summary["gnorm_last"] = gnorms
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / (SUMMARY_FILE + ".tmp")
-    tmp.write_text(json.dumps(summary), encoding="utf-8")
-    tmp.replace(out_dir / SUMMARY_FILE)
+    ensure_directory(out_dir)
+    write_atomic(out_dir / SUMMARY_FILE, json.dumps(summary))
     return plot_run(load_run(out_dir), out_dir / PLOT_FILE)
 
 
@@ -140,7 +145,7 @@ def diagnose_checkpoint(path: str | Path, out_dir: str | Path | None = None,
                           f"corpus ({corpus.source}) gives now: point --set data.path or "
                           f"data.data_dir at the text it was trained on")
     path = Path(path)
-    out_dir = Path(out_dir) if out_dir else path.parent / f"diagnose-{path.stem}"
+    out_dir = Path(out_dir) if out_dir else path.parent / f"{MEASURED_PREFIX}{path.stem}"
     return measure_checkpoint_model(model, cfg, corpus.ids, out_dir, epoch)
 
 

@@ -24,6 +24,7 @@ import torch
 from rnnlm.config import ConfigError, load_config
 from rnnlm.data.corpus import load_corpus
 from rnnlm.evaluation.sampling import generate
+from rnnlm.files import ensure_directory, os_reason, write_atomic
 from rnnlm.kernels import native
 from rnnlm.kernels.scripting import scripted
 from rnnlm.models import MODEL_KINDS, build_model
@@ -402,12 +403,15 @@ def write_section(path: Path, name: str, body: str) -> None:
     """Replace the text between this section's markers (added at the end when missing), so
     the prose around the tables and the other device's table survive a new run."""
     start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    try:
+        text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read --write {path}: {os_reason(exc)}") from None
     block = f"{start}\n{body}\n{end}"
     if start in text and end in text:
         head, rest = text.split(start, 1)
         text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    ensure_directory(path.parent)
+    write_atomic(path, text)  # a failed write leaves the page as it was

@@ -2,7 +2,8 @@
 
 Step order, always: zero_grad -> forward -> loss -> backward -> clip (norm recorded) -> step.
 Per-batch numbers stay on the device as tensors and are read once per epoch, so no host
-sync happens inside the loop.
+sync happens inside the loop; the divergence watch (rnnlm.training.divergence) reads its copy
+of the loss and gradient norm every few batches on a GPU, after every batch on a CPU.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from rnnlm.bptt.truncation import Truncation
 from rnnlm.models import LanguageModel, detach_state
 from rnnlm.training import distributed
+from rnnlm.training.divergence import DivergenceWatch
 from rnnlm.training.step import forward_backward
 
 
@@ -33,6 +35,19 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float | None) -> torch.
 
 def perplexity(mean_loss: float) -> float:
     return math.exp(min(mean_loss, 700.0))  # exp overflows past ~709
+
+
+PPL_CAP = perplexity(700.0)  # what perplexity returns for every loss from 700 on
+LARGE_PPL = 1e6  # from here on a perplexity prints in powers of ten
+
+
+def format_ppl(ppl: float, decimals: int = 3) -> str:
+    """A perplexity for the progress and summary lines: with `decimals` decimals, as every
+    healthy run prints it, but compact when it is huge (a diverging run's 1.2e+08), and
+    '>1e+304' at perplexity's cap, where the true value is beyond a float."""
+    if ppl >= PPL_CAP:
+        return ">1e+304"
+    return f"{ppl:.3g}" if ppl >= LARGE_PPL else f"{ppl:.{decimals}f}"
 
 
 @dataclass
@@ -116,6 +131,8 @@ def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | Non
     at batch `start.batches`). When `stop` says so after a batch (on every rank at the same
     batch), the epoch ends early with complete=False.
     `on_step` runs after every optimizer step (e.g. to update a weight average).
+    A NaN or infinite loss, gradient norm or weight raises TrainingDiverged
+    (rnnlm.training.divergence) at once on a CPU, within a few batches on a GPU.
     Under DDP `model` is the wrapped model and `batches` this rank's share; the returned
     loss, tokens and time are totals over all ranks (the same on every rank).
     """
@@ -133,6 +150,7 @@ def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | Non
     begin = time.perf_counter()
     truncation = truncation or Truncation("regular", 1, 0)
     dtype = params[0].dtype
+    watch = DivergenceWatch(device, epoch, start.batches)
     for b, (X, Y) in enumerate(batches, start=start.batches):
         if stop is not None:
             stop.begin_step()  # overlaps the ranks' agreement with this batch's compute
@@ -156,9 +174,11 @@ def train_epoch(model: LanguageModel, batches, optimizer, clip_norm: float | Non
             clipped += (norm > clip_norm).to(clipped.dtype)
         tokens += n
         num_batches += 1
+        watch.after_batch(loss, norm)  # stop at a NaN or infinite loss or gradient norm
         if stop is not None and stop.should_stop():
             stopped = True
             break
+    watch.end_of_epoch(params)  # the batches not looked at yet, and the weights
     synchronize(device)
     seconds = start.seconds + distributed.max_across_ranks(time.perf_counter() - begin, device)
     if num_batches == 0:

@@ -1,17 +1,18 @@
 """Perplexity curves as PNG files, drawn without a display (matplotlib's Agg canvas).
 
 Figures are built with matplotlib's object API (no pyplot, so no global state and no GUI
-backend) and written atomically: a reader never sees half a file.
+backend) and written atomically (rnnlm.files): a reader never sees half a file, and a
+failed write leaves the previous figure.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from rnnlm.files import ensure_directory, write_atomic
 
 # A log axis helps once the curve spans more than this factor (early epochs near the
 # vocabulary size, late ones near 1-5); below it a linear axis is easier to read.
@@ -25,16 +26,9 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def _save(fig: Figure, path: Path) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_directory(path.parent)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))
 
 
 def _finish(ax, values: list[float], title: str) -> None:

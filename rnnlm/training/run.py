@@ -14,7 +14,8 @@
                           the progress line
     finish                the plot, the final prediction, the test split, the summary lines
 
-`train` is the public entry around it: processes (DDP), threads and signal handlers.
+`train` is the public entry around it: the lock on out_dir (held for the whole run, so a
+second run into the folder is refused), processes (DDP), threads and signal handlers.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from tqdm.auto import tqdm
 from rnnlm.bptt.truncation import Truncation, variable_length_of
 from rnnlm.checkpoint import (
     atomic_save,
+    check_same_data,
     claim_out_dir,
+    load_initial_weights,
     make_checkpoint,
     restore_rng,
     restore_training,
@@ -46,11 +49,13 @@ from rnnlm.data.iterators import BatchIterator
 from rnnlm.diagnostics.report import DiagnosticsRecorder
 from rnnlm.evaluation.evaluate import evaluate
 from rnnlm.evaluation.sampling import encode_prefix, predict_greedy
+from rnnlm.files import ensure_directory, lock_out_dir, write_atomic
 from rnnlm.models import LanguageModel, build_model
 from rnnlm.training import auto_resume, distributed
 from rnnlm.training.averaging import WeightAverage
 from rnnlm.training.best import BestSoFar, BestWeights
-from rnnlm.training.epoch import EpochProgress, EpochResult, train_epoch
+from rnnlm.training.divergence import check_weights_before_saving
+from rnnlm.training.epoch import EpochProgress, EpochResult, format_ppl, train_epoch
 from rnnlm.training.interrupts import StopRequest, TrainingInterrupted, stop_on_signals
 from rnnlm.training.metrics import METRICS_FILE, MetricsLog, epoch_record
 from rnnlm.training.schedules import LRSchedule
@@ -59,12 +64,16 @@ from rnnlm.training.step import ShardedForwardBackward, forward_backward, resolv
 
 def train(cfg: Config, quiet: bool = False, out=sys.stdout, resume: dict | None = None,
           resume_path: str | Path | None = None, overwrite: bool = False,
-          stop: StopRequest | None = None, progress: bool | None = None) -> dict:
+          stop: StopRequest | None = None, progress: bool | None = None,
+          init_from: tuple[dict, str | Path] | None = None) -> dict:
     """Run a whole training job from a config; returns the last epoch's record (with the
     best validation and the test metrics when the data is split, and the final prediction).
 
     `resume` (a loaded checkpoint, read from `resume_path`) continues that run exactly where
     it stopped. A new run refuses an out_dir that holds a checkpoint unless `overwrite`.
+    `init_from` (a loaded checkpoint and its path: --init-from) starts a new run from that
+    checkpoint's trained weights (rnnlm.checkpoint.load_initial_weights), with everything
+    else fresh.
     SIGINT/SIGTERM stop the run after the current batch, write last.pt and raise
     TrainingInterrupted; pass `stop` to control stopping yourself (no handlers installed).
     `progress`: a progress bar over the epochs; None shows one when `out` is a terminal and
@@ -80,35 +89,58 @@ def train(cfg: Config, quiet: bool = False, out=sys.stdout, resume: dict | None 
     own_stop = stop is None
     stop = StopRequest() if own_stop else stop
     shards = resolve_batch_shards(cfg, device, ctx.enabled)
-    with distributed.process_group(ctx, device), run_threads(cfg.train.threads, shards), \
-            (stop_on_signals(stop, distributed.signal_repeat_window_s())
-             if own_stop else nullcontext(stop)):
+    signals = stop_on_signals(stop, distributed.signal_repeat_window_s()) if own_stop \
+        else nullcontext(stop)
+    with hold_out_dir(cfg, ctx), distributed.process_group(ctx, device), \
+            run_threads(cfg.train.threads, shards), signals:
         return run_training(cfg, ctx, device, quiet, out, resume, resume_path, overwrite,
-                            stop, shards, show_bar)
+                            stop, shards, show_bar, init_from=init_from)
 
 
 def train_new(cfg: Config, overwrite: bool = False, out=sys.stdout, **options) -> dict | None:
     """A run from a config, as `rnnlm train --config` starts it: with train.auto_resume, one
     that finds out_dir/last.pt continues it (and does nothing when that run had already
-    finished: None); otherwise a new run. `options` go to `train`."""
-    resume, path = None, None
-    if cfg.train.auto_resume:
-        plan = auto_resume.plan(cfg, overwrite)
-        if plan.done:
-            if distributed.is_main_process():
-                print(f"{plan.path} has already completed train.epochs={cfg.train.epochs}: "
-                      f"nothing left to train", file=sys.stderr)
-            return None
-        overwrite, resume, path = plan.overwrite, plan.checkpoint, plan.path
-    return train(cfg, out=out, overwrite=overwrite, resume=resume, resume_path=path, **options)
+    finished: None); otherwise a new run. `options` go to `train`. out_dir is locked
+    before the plan reads it, so no other run can change it in between."""
+    with hold_out_dir(cfg):
+        resume, path = None, None
+        if cfg.train.auto_resume:
+            plan = auto_resume.plan(cfg, overwrite)
+            if plan.done:
+                if distributed.is_main_process():
+                    print(f"{plan.path} has already completed train.epochs="
+                          f"{cfg.train.epochs}: nothing left to train", file=sys.stderr)
+                return None
+            overwrite, resume, path = plan.overwrite, plan.checkpoint, plan.path
+            if resume is not None:  # it started from the --init-from weights already
+                options.pop("init_from", None)
+        return train(cfg, out=out, overwrite=overwrite, resume=resume, resume_path=path,
+                     **options)
+
+
+OUT_DIR_HINT = "pick another out_dir (--set out_dir=...)"
+
+
+def hold_out_dir(cfg: Config, ctx: distributed.DistContext | None = None):
+    """The run's exclusive lock on out_dir (rnnlm.files.lock_out_dir), held by rank 0 alone:
+    all ranks of a DDP job write into one out_dir, and none may be refused by its own rank 0.
+    A second run into the folder is refused at once, naming the process that holds it."""
+    ctx = ctx or distributed.context_from_env()
+    return lock_out_dir(cfg.out_dir, hint=OUT_DIR_HINT) if ctx.is_main else nullcontext()
 
 
 def run_training(cfg: Config, ctx: distributed.DistContext, device: torch.device,
                  quiet: bool, out, resume: dict | None, resume_path: str | Path | None,
-                 overwrite: bool, stop: StopRequest, shards: int, show_bar: bool) -> dict:
+                 overwrite: bool, stop: StopRequest, shards: int, show_bar: bool,
+                 init_from: tuple[dict, str | Path] | None = None) -> dict:
     """The run, step by step (see the module docstring). `shards`: train.batch_shards
     resolved for this device (rnnlm.training.step.resolve_batch_shards)."""
-    run = TrainingRun(cfg, ctx, device, shards, stop, quiet, out)
+    if init_from is not None and overwrite and \
+            Path(init_from[1]).resolve().parent == Path(cfg.out_dir).resolve():
+        raise ConfigError(f"--overwrite would delete {init_from[1]}, the checkpoint given to "
+                          f"--init-from: start the new run in another out_dir (--set "
+                          f"out_dir=...)")
+    run = TrainingRun(cfg, ctx, device, shards, stop, quiet, out, init_from=init_from)
     try:
         run.take_out_dir(resume_path if resume is not None else None, overwrite)
         if resume is not None:
@@ -127,9 +159,11 @@ class TrainingRun:
     """One training run: its parts, built by the set-up, and its position as it goes."""
 
     def __init__(self, cfg: Config, ctx: distributed.DistContext, device: torch.device,
-                 shards: int, stop: StopRequest, quiet: bool, out):
+                 shards: int, stop: StopRequest, quiet: bool, out,
+                 init_from: tuple[dict, str | Path] | None = None):
         """Set up: the parts of the run, built in the order that fixes the random streams
-        (the seed, then the model's initial weights)."""
+        (the seed, then the model's initial weights). `init_from`: a checkpoint and its path
+        whose trained weights replace the initial ones (--init-from)."""
         self.cfg, self.ctx, self.device, self.stop = cfg, ctx, device, stop
         self.quiet, self.out = quiet, out
 
@@ -148,6 +182,14 @@ class TrainingRun:
                                      variable_length=variable_length_of(cfg.train))
         self.truncation = Truncation.from_config(cfg)
         self.model = build_model(cfg.model, len(self.corpus.vocab), cfg.train).to(device)
+        # --init-from: the checkpoint's weights over the fresh ones, before the optimizer and
+        # the average take them; loading draws nothing, so the data order and every later
+        # random draw are those of the same run without it
+        self.init_from: tuple[str, int] | None = None  # its path and its run's epochs
+        if init_from is not None:
+            load_initial_weights(self.model, init_from[0], cfg, self.corpus.vocab,
+                                 str(init_from[1]))
+            self.init_from = (str(init_from[1]), init_from[0]["progress"]["epoch"])
         distributed.seed_rank_streams(cfg.seed, ctx)
         self.optimizer = make_optimizer(cfg, self.model)
         self.schedule = LRSchedule(cfg.train, self.optimizer)
@@ -196,6 +238,9 @@ class TrainingRun:
         epoch's running totals and carried state."""
         position = restore_training(ckpt, self.cfg, self.model, self.optimizer,
                                     self.corpus.vocab, str(path))
+        note = check_same_data(ckpt, self.corpus.fingerprint, str(path))  # a changed text
+        if note is not None and self.ctx.is_main:
+            print(note, file=sys.stderr)
         self.start_epoch, self.step = position["epoch"], position["step"]
         self.wall_offset = position["wall_s"]
         self.record = ckpt.get("record") or {}
@@ -242,8 +287,8 @@ class TrainingRun:
         """out_dir with config.yaml, metrics.jsonl (continued by a resumed run, without the
         epochs it is about to redo) and the diagnostics recorder."""
         cfg = self.cfg
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+        ensure_directory(self.out_dir, "out_dir", OUT_DIR_HINT)
+        write_atomic(self.out_dir / "config.yaml", dump_yaml(cfg))
         self.metrics = MetricsLog(self.out_dir / METRICS_FILE, append=self.resumed is not None)
         if cfg.train.diagnostics:  # after a resume: "at the start" = the checkpoint's
             self.recorder = DiagnosticsRecorder(cfg, self.model, self.corpus.ids, self.batches,
@@ -268,6 +313,10 @@ class TrainingRun:
             self.say(f"resumed {self.resumed[0]} {where} (step "
                      f"{self.step + (partial.batches if partial else 0)}), training to epoch "
                      f"{cfg.train.epochs}")
+        if self.init_from is not None:
+            self.say(f"a new run from the trained weights of {self.init_from[0]} (after its "
+                     f"epoch {self.init_from[1]}), with a fresh optimizer and schedule, "
+                     f"training to epoch {cfg.train.epochs}")
         if cfg.data.split is not None:
             splits = corpus.splits
             parts = {"train": splits.train, **splits.heldout()}
@@ -312,7 +361,7 @@ class TrainingRun:
         if self.predicting(epoch) and not self.quiet:
             text = predict_greedy(self.model, self.corpus.vocab, self.prompt,
                                   self.cfg.train.predict_chars)
-            self.say(f"epoch {epoch + 1:>4}  ppl {result.ppl:8.3f}  grad "
+            self.say(f"epoch {epoch + 1:>4}  ppl {format_ppl(result.ppl):>8}  grad "
                      f"{result.grad_norm:6.3f}  {result.tokens_per_s:>9,.0f} tok/s  | {text}")
         if stop_early:
             stopper, weights = self.best.stopper, self.best.weights
@@ -336,8 +385,8 @@ class TrainingRun:
         val = evaluate(self.scored, val_ids, self.cfg.data.eval_lanes, self.device)
         record.update(val.as_record("val"))
         stop_early = self.best.validated(val.ppl, epoch + 1, self.scored)
-        self.say(f"epoch {epoch + 1:>4}  train ppl {record['train_ppl']:8.3f}  val ppl "
-                 f"{val.ppl:8.3f}  val bpc {val.bpc:6.3f}  lr {record['lr']:.3g}")
+        self.say(f"epoch {epoch + 1:>4}  train ppl {format_ppl(record['train_ppl']):>8}  val ppl "
+                 f"{format_ppl(val.ppl):>8}  val bpc {val.bpc:6.3f}  lr {record['lr']:.3g}")
         return stop_early
 
     def predicting(self, epoch: int) -> bool:
@@ -355,7 +404,7 @@ class TrainingRun:
             # lines (a redraw every epoch would cost a book run more than its training).
             if "val_ppl" in record or (self.corpus.splits.val is None and self.predicting(epoch)):
                 plot_perplexity(self.records, *self.plot_where())
-        self.bar.set_postfix(ppl=f"{result.ppl:.2f}", tok_s=f"{result.tokens_per_s:,.0f}")
+        self.bar.set_postfix(ppl=format_ppl(result.ppl, 2), tok_s=f"{result.tokens_per_s:,.0f}")
 
     def save_checkpoints(self, epoch: int, record: dict) -> bool:
         """best.pt when the epoch is the best so far, last.pt when it is due (every
@@ -376,6 +425,10 @@ class TrainingRun:
         if progress is not None and progress.state is not None and ctx.enabled:
             progress = EpochProgress(**{**vars(progress),
                                         "state": distributed.gather_lanes(progress.state)})
+        # every rank holds the same weights, so every rank refuses alike
+        check_weights_before_saving([self.model, self.average and self.average.model],
+                                    epoch + 1 if progress else epoch,
+                                    progress.batches if progress else None)
         if not ctx.is_main:
             return
         batches = progress.batches if progress else 0
@@ -387,7 +440,7 @@ class TrainingRun:
                      **self.best.state_dicts()}
         ckpt = make_checkpoint(self.cfg, self.model, self.optimizer, self.corpus.vocab,
                                self.corpus.preprocess, position, self.best.metric, self.record,
-                               run_state)
+                               run_state, data=self.corpus.fingerprint)
         for name in names:
             atomic_save(ckpt, self.out_dir / name)
 
@@ -425,7 +478,8 @@ class TrainingRun:
             record.update(score_test_split(self.scored, weights, splits.test, self.cfg,
                                            self.device, self.metrics, self.say))
         print(final_text, file=self.out)
-        print(f"perplexity {record['train_ppl']:.1f}, {record['tokens_per_s']:.1f} tokens/sec "
+        print(f"perplexity {format_ppl(record['train_ppl'], 1)}, "
+              f"{record['tokens_per_s']:.1f} tokens/sec "
               f"on {self.device}", file=self.out)
         record["prediction"] = final_text
         return record

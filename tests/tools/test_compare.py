@@ -59,7 +59,7 @@ def test_compare_aggregates_seeds_and_reports_failures(tmp_path, monkeypatch):
     """Runs are faked (metrics written by hand): this checks the bookkeeping, not training."""
     calls = []
 
-    def fake_run(config, overrides, timeout):
+    def fake_run(config, overrides, timeout, how=()):
         opts = dict(o.split("=", 1) for o in overrides)
         calls.append(opts)
         if opts["data.iterator"] == "random" and opts["seed"] == "1":
@@ -73,16 +73,23 @@ def test_compare_aggregates_seeds_and_reports_failures(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cmp, "run_one", fake_run)
     lines = []
+    # A variant whose config is invalid is refused before any run starts (it used to be
+    # skipped and reported in the table, the others trained).
+    with pytest.raises(ConfigError, match="variant iterator-sequential_kind-nope"):
+        cmp.compare(str(ROOT / "configs/tiny.yaml"),
+                    ["data.iterator=sequential,random", "model.kind=gru,nope"],
+                    seeds=2, sets=[f"out_dir={tmp_path / 'cmp'}"], log=lines.append)
+    assert calls == [] and not (tmp_path / "cmp").exists()
     out_dir, results = cmp.compare(str(ROOT / "configs/tiny.yaml"),
-                                   ["data.iterator=sequential,random", "model.kind=gru,nope"],
+                                   ["data.iterator=sequential,random", "model.kind=gru"],
                                    seeds=2, sets=[f"out_dir={tmp_path / 'cmp'}"],
                                    log=lines.append)
     assert out_dir == tmp_path / "cmp"
-    assert len(calls) == 4  # the invalid model.kind variants never start
+    assert len(calls) == 4
     assert {c["seed"] for c in calls} == {"0", "1"}
     assert all(c["out_dir"].startswith(str(tmp_path / "cmp")) for c in calls)
     table = (out_dir / "comparison.md").read_text()
-    assert "--vary model.kind=gru,nope --seeds 2 --set out_dir=" in table
+    assert "--vary model.kind=gru --seeds 2 --set out_dir=" in table
     row = next(x for x in table.splitlines() if x.startswith("| iterator-sequential_kind-gru"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "2/2"
@@ -92,9 +99,8 @@ def test_compare_aggregates_seeds_and_reports_failures(tmp_path, monkeypatch):
                       if x.startswith("| iterator-random_kind-gru"))
     assert "| 1/2 |" in random_row and "4.000 |" in random_row
     assert "iterator-random_kind-gru seed 1 failed: exit 1: boom" in table
-    assert "iterator-sequential_kind-nope seed 0 failed: invalid config" in table
     rows = list(csv.DictReader(open(out_dir / "comparison.csv")))
-    assert len(rows) == 8 and sum(r["status"] == "ok" for r in rows) == 3
+    assert len(rows) == 4 and sum(r["status"] == "ok" for r in rows) == 3
     ok = next(r for r in rows if r["status"] == "ok")
     assert float(ok["best_val_ppl"]) == 5.5 and float(ok["wall_s"]) == 20.0
     assert (out_dir / "comparison.png").stat().st_size > 1000
@@ -109,18 +115,25 @@ def test_all_variants_invalid_is_a_user_error(tmp_path):
 
 def test_cli_end_to_end(tiny_overrides, tmp_path):
     flat = [a for o in tiny_overrides for a in ("--set", o)]
-    proc = subprocess.run(
-        [sys.executable, "compare.py", "--config", "configs/tiny.yaml",
-         "--vary", "model.kind=gru,transformer", "--set", "train.epochs=1",
-         "--set", "data.max_tokens=600", "--set", "data.split=[0.8,0.1,0.1]", *flat],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+
+    def compare(*kinds):
+        return subprocess.run(
+            [sys.executable, "compare.py", "--config", "configs/tiny.yaml",
+             "--vary", f"model.kind={','.join(kinds)}", "--set", "train.epochs=1",
+             "--set", "data.max_tokens=600", "--set", "data.split=[0.8,0.1,0.1]", *flat],
+            cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    # an invalid variant: refused in one line before any run (it used to be skipped, exit 0)
+    refused = compare("gru", "transformer")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "variant kind-transformer (model.kind=transformer)" in refused.stderr
     run = tmp_path / "run"
+    assert not run.exists()
+    proc = compare("gru")
+    assert proc.returncode == 0, proc.stderr
     assert (run / "kind-gru" / "seed0" / "metrics.jsonl").is_file()
-    assert not (run / "kind-transformer").exists()
     table = (run / "comparison.md").read_text()
-    assert "| kind-gru | 1/1 |" in table and "| kind-transformer | 0/1 |" in table
-    assert "kind-transformer seed 0 failed: invalid config" in proc.stdout
+    assert "| kind-gru | 1/1 |" in table
     bad = subprocess.run([sys.executable, "compare.py", "--config", "configs/tiny.yaml",
                           "--vary", "model.kind", *flat], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
