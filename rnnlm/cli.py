@@ -73,6 +73,9 @@ def run_main(main: Callable[[], int | None]) -> None:
         code = 2
     except BrokenPipeError:  # e.g. `python sample.py ... | head`
         code = 0
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handler is in place
+        print("interrupted; nothing was saved", file=sys.stderr)
+        code = 130
     leave(code or 0)
 
 

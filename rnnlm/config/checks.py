@@ -153,10 +153,14 @@ def _check_train(cfg: Config) -> None:
     _require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
-    # The optimizers multiply float32 tensors by these: past float32's range torch fails.
-    for key, value in (("lr", t.lr), ("weight_decay", t.weight_decay)):
-        _require(value <= FLOAT32_MAX, f"train.{key} must be at most {FLOAT32_MAX:.3g} (the "
-                                       f"largest float32), got {value:g}")
+    # The optimizers multiply float32 tensors by these: past float32's range torch fails
+    # with a traceback. Adam's first step divides the lr by 1 - beta1 = 0.1 in float32.
+    adam = t.optimizer in ("adam", "adamw")
+    lr_limit, why = (FLOAT32_MAX * 0.1, f"a tenth of the largest float32, for {t.optimizer}") \
+        if adam else (FLOAT32_MAX, "the largest float32")
+    _require(t.lr <= lr_limit, f"train.lr must be at most {lr_limit:.3g} ({why}), got {t.lr:g}")
+    _require(t.weight_decay <= FLOAT32_MAX, f"train.weight_decay must be at most "
+             f"{FLOAT32_MAX:.3g} (the largest float32), got {t.weight_decay:g}")
     _require(t.clip_norm is None or t.clip_norm > 0,
              f"train.clip_norm must be > 0 or null (no clipping), got {t.clip_norm}")
     _require(t.predict_every >= 0, f"train.predict_every must be >= 0, got {t.predict_every}")

@@ -137,6 +137,12 @@ def test_non_finite_yaml_value_is_refused_by_the_command(tmp_path, tiny_override
 def test_a_learning_rate_past_float32_is_refused_at_load():
     with pytest.raises(ConfigError, match=r"train\.lr must be at most 3.4e\+38"):
         config_from_dict({}, ["train.lr=1e300"])
+    # Adam's first step divides the lr by 0.1: a tenth of float32's range is its limit
+    for optimizer in ("adam", "adamw"):
+        with pytest.raises(ConfigError, match=rf"at most 3.4e\+37 \(a tenth of the largest "
+                                              rf"float32, for {optimizer}\)"):
+            config_from_dict({}, [f"train.optimizer={optimizer}", "train.lr=1e38"])
+    config_from_dict({}, ["train.optimizer=adam", "train.lr=3e37"])
 
 
 def test_huge_perplexity_prints_compactly(tiny_overrides, tmp_path):
