@@ -163,8 +163,8 @@ def test_ctrl_c_saves_the_run_in_progress_and_resume_continues_it(flat, tmp_path
 
 
 def test_a_timed_out_run_is_saved_and_resume_continues_it(flat, tmp_path):
-    timed_out = run_compare("--set", "train.epochs=1000", "--timeout", "10", *flat)
-    assert timed_out.returncode == 1 and "failed (timed out after 10 s)" in timed_out.stdout
+    timed_out = run_compare("--set", "train.epochs=1000", "--timeout", "6", *flat)
+    assert timed_out.returncode == 1 and "failed (timed out after 6 s)" in timed_out.stdout
     folder = tmp_path / "run" / "base" / "seed0"
     assert (folder / "last.pt").is_file()  # SIGTERM: the run finished its batch and saved
     done = len(read_records(folder))

@@ -58,47 +58,6 @@ def assert_one_line(stderr, *parts):
     return lines[0]
 
 
-def test_two_runs_started_at_once_into_one_folder_one_is_refused(tmp_path, data_dir):
-    """The case of two shells: the same command at the same moment, seeds 1 and 2. Before
-    either has written a checkpoint, only the lock can tell them apart."""
-    out = tmp_path / "run"
-    cmds = [command(data_dir, out, "train.epochs=100000", "train.checkpoint_every=0",
-                    f"seed={seed}") for seed in (1, 2)]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for cmd in cmds]
-    try:
-        deadline = time.monotonic() + 60
-        while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        refused = [p for p in procs if p.poll() is not None]
-        assert len(refused) == 1, "both runs were accepted into one out_dir"
-        (loser,), (winner,) = refused, [p for p in procs if p not in refused]
-        _, stderr = loser.communicate()
-        assert loser.returncode == 2
-        assert_one_line(stderr, f"out_dir {out} is in use by another run",
-                        f"(process {winner.pid})", "--set out_dir=")
-        while not (out / "metrics.jsonl").exists() or len(epochs(out)) < 2:
-            assert winner.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        # A third one later, also with --overwrite or auto_resume (which reads last.pt first)
-        started = time.monotonic()
-        for extra in ([], ["--overwrite"], ["--set", "train.auto_resume=true"]):
-            other = run(cmds[0] + extra)
-            assert other.returncode == 2 and f"(process {winner.pid})" in other.stderr
-        assert time.monotonic() - started < 60  # refused before loading data or a model
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                _, stderr = proc.communicate(timeout=60)
-                assert proc.returncode == 130, stderr
-    # The log is the winner's alone: every epoch once, in order.
-    done = load_checkpoint(out / "last.pt")["progress"]["epoch"]
-    assert epochs(out) == list(range(1, done + 1))
-    assert sorted(p.name for p in out.iterdir()) == [
-        "best.pt", "config.yaml", "last.pt", "metrics.jsonl"]  # and no lock file left
-
-
 def test_a_killed_run_leaves_no_stale_lock_and_its_temporaries_go(tmp_path, data_dir):
     out = tmp_path / "run"
     first = start_long_run(data_dir, out)
@@ -136,7 +95,8 @@ def test_a_killed_run_leaves_no_stale_lock_and_its_temporaries_go(tmp_path, data
     assert epochs(out) == list(range(1, done + 2))
 
 
-@pytest.mark.parametrize("where", ["file", "below a file"])
+# "file" itself is tests/test_faults.py's
+@pytest.mark.parametrize("where", ["below a file"])
 def test_out_dir_that_is_a_file_is_one_line(tmp_path, data_dir, where):
     blocker = tmp_path / "notes.txt"
     blocker.write_text("the user's notes")
