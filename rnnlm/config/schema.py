@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 
@@ -125,6 +125,21 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def changed_keys(before: Config, after: Config) -> list[tuple[str, Any, Any]]:
+    """The dotted keys whose values differ between two configs, with both values, in the
+    tree's order (what a resumed or continued run changes)."""
+    def leaves(tree: dict, prefix: str = ""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield prefix + key, value
+
+    old = dict(leaves(before.to_dict()))
+    return [(key, old.get(key), value) for key, value in leaves(after.to_dict())
+            if old.get(key) != value]
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -35,6 +35,7 @@ import yaml
 
 from rnnlm.checkpoint import checkpoint_config, load_checkpoint
 from rnnlm.config import Config, ConfigError, load_config
+from rnnlm.config.schema import changed_keys
 from rnnlm.files import ensure_directory, write_atomic
 from rnnlm.training.metrics import read_records
 
@@ -268,13 +269,9 @@ def _finished(last: Path, cfg: Config) -> bool:
     rather than being one to continue; a ConfigError when it was trained with another config
     than `cfg` (only train.epochs may grow)."""
     ckpt = load_checkpoint(last)
-    saved = checkpoint_config(ckpt, str(last)).to_dict()
-    wanted = cfg.to_dict()
-    for key in _leaf_keys(wanted):
-        if key in ("out_dir", "train.epochs"):
-            continue
-        before, after = _dotted(saved, key), _dotted(wanted, key)
-        if before != after:
+    saved = checkpoint_config(ckpt, str(last))
+    for key, before, after in changed_keys(saved, cfg):
+        if key not in ("out_dir", "train.epochs"):
             raise ConfigError(f"--resume: {last} was trained with {key}={before!r}, but this "
                               f"comparison asks for {key}={after!r}: pass --overwrite to start "
                               f"the runs over, or pick another out_dir (--set out_dir=...)")
@@ -285,20 +282,6 @@ def _finished(last: Path, cfg: Config) -> bool:
     patience = cfg.train.early_stop_patience
     stopped_early = patience is not None and stopper.get("bad_evaluations", 0) >= patience
     return stopped_early or progress["epoch"] >= cfg.train.epochs
-
-
-def _leaf_keys(tree: dict, prefix: str = ""):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _leaf_keys(value, f"{prefix}{key}.")
-        else:
-            yield prefix + key
-
-
-def _dotted(tree: dict, key: str):
-    for part in key.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
 
 
 def compare(config: str, varies: list[str], seeds: int = 1, sets: list[str] = (),

@@ -22,6 +22,7 @@ from rnnlm.checkpoint import (
     load_checkpoint,
 )
 from rnnlm.config import Config, ConfigError
+from rnnlm.config.schema import changed_keys
 
 
 @dataclass
@@ -48,8 +49,7 @@ def plan(cfg: Config, overwrite: bool = False) -> AutoResume:
         if ckpt["progress"]["epoch"] >= cfg.train.epochs and not ckpt["progress"].get("batch"):
             return AutoResume(ckpt, last, done=True)
         saved = checkpoint_config(ckpt, str(last))
-        changed = [key for key in _leaf_keys(cfg.to_dict())
-                   if key != "out_dir" and _get(saved.to_dict(), key) != _get(cfg.to_dict(), key)]
+        changed = [key for key, _, _ in changed_keys(saved, cfg) if key != "out_dir"]
         check_resume_changes(ckpt, saved, cfg, changed, last, how="train.auto_resume: ")
         return AutoResume(ckpt, last)
     # A worker lost before the first last.pt leaves at most best.pt behind. When it holds
@@ -60,17 +60,3 @@ def plan(cfg: Config, overwrite: bool = False) -> AutoResume:
         if path.exists() and load_checkpoint(path)["config"] != cfg.to_dict():
             return AutoResume()
     return AutoResume(overwrite=True)
-
-
-def _leaf_keys(tree: dict, prefix: str = ""):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _leaf_keys(value, f"{prefix}{key}.")
-        else:
-            yield prefix + key
-
-
-def _get(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
