@@ -593,12 +593,22 @@ def restore_training(ckpt: dict, cfg: Config, model: torch.nn.Module,
                               f"higher to train further")
     load_model_weights(model, ckpt, where)
     saved = checkpoint_config(ckpt, where)
+    # Which kernels run the update (fused or foreach) is this run's choice, not the saved
+    # run's (the results agree to rounding); load_state_dict would bring the saved one back.
+    kernels = [{key: group.get(key) for key in ("fused", "foreach")}
+               for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{where}: the saved optimizer state does not fit "
                               f"train.optimizer={cfg.train.optimizer} "
                               f"({_first_line(exc)})") from None
+    for group, kept in zip(optimizer.param_groups, kernels):
+        group.update(kept)
+        for param in group["params"] if kept["fused"] else ():
+            state = optimizer.state.get(param, {})
+            if "step" in state:  # fused kernels read the step count where the weights are
+                state["step"] = state["step"].to(param.device, torch.float32)
     for name in ("lr", "weight_decay"):
         value = getattr(cfg.train, name)
         if value != getattr(saved.train, name):

@@ -64,13 +64,34 @@ def shards_allowed(cfg: Config, shards: int) -> bool:
     return True
 
 
+def c_kernel_blockers(cfg: Config) -> list[str]:
+    """The settings that keep a training window off the C kernels (which run the
+    hand-written fp32, eager backward, without randomized truncation)."""
+    m, t = cfg.model, cfg.train
+    return [setting for setting, blocks in (
+        ("model.backward=autograd", m.backward == "autograd"),
+        (f"train.precision={t.precision}", t.precision != "fp32"),
+        ("train.compile", t.compile),
+        ("train.truncation=randomized", t.truncation == "randomized")) if blocks]
+
+
 def cell_kernel_applies(cfg: Config) -> bool:
     """Whether the training windows of this config can use model.cell_kernel's C kernels:
-    a kind with C windows, the hand-written fp32 eager backward, no randomized truncation
-    (the device is checked once known, check_run)."""
-    m, t = cfg.model, cfg.train
-    return (model_class(cfg).supports.c_windows and m.backward != "autograd"
-            and t.precision == "fp32" and not t.compile and t.truncation != "randomized")
+    a kind that declares C windows (supports.c_windows) and none of c_kernel_blockers (the
+    device is checked once known, check_run)."""
+    return model_class(cfg).supports.c_windows and not c_kernel_blockers(cfg)
+
+
+def c_kernels_unavailable(cfg: Config) -> str | None:
+    """Why the C kernels this kind needs cannot be built or used here (None: they can): the
+    whole-window loops, unless it also has per-step kernels (supports.c_steps)."""
+    return native.unavailable_reason(whole_windows=not model_class(cfg).supports.c_steps)
+
+
+def uses_c_kernels(cfg: Config, device: torch.device) -> bool:
+    """Whether this config's training windows will run the C kernels on `device`."""
+    return (cfg.model.cell_kernel != "torch" and cell_kernel_applies(cfg)
+            and device.type == "cpu" and c_kernels_unavailable(cfg) is None)
 
 
 # ------------------------------------------------------------------ from the config alone
@@ -112,22 +133,28 @@ def _check_model(cfg: Config) -> None:
     _require(m.hidden_size >= 1, f"model.hidden_size must be >= 1, got {m.hidden_size}")
     _require(m.num_layers >= 1, f"model.num_layers must be >= 1, got {m.num_layers}")
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    # A kind with C windows but no choice of backward (a torch.nn layer) runs the windows'
+    # hand-written backward exactly where it runs the C windows: model.cell_kernel decides.
+    own_backward = "runs the hand-written backward only on its C windows, which " \
+        "model.cell_kernel chooses" if supports.c_windows else "declares none and trains " \
+        "with autograd"
     _require(m.backward == "auto" or supports.manual_backward,
-             f"model.backward: {m.backward} applies to the scratch kinds only "
-             f"({kinds_that(lambda c: c.supports.manual_backward)}: a hand-written backward); "
-             f"{m.kind} declares none and trains with autograd (leave model.backward: auto)")
+             f"model.backward: {m.backward} is offered for "
+             f"{kinds_that(lambda c: c.supports.manual_backward)} only (a hand-written "
+             f"backward or autograd, step by step); {m.kind} {own_backward} (leave "
+             f"model.backward: auto)")
     _require(m.backward != "manual" or (t.precision == "fp32" and not t.compile),
              "model.backward: manual is the fp32, eager hand-written backward; with "
              f"train.precision={t.precision} and train.compile={str(t.compile).lower()} use "
              "model.backward=auto (autograd)")
     _require(m.cell_kernel == "auto" or supports.c_windows,
-             f"model.cell_kernel: {m.cell_kernel} applies to the scratch kinds only "
-             f"({kinds_that(lambda c: c.supports.c_windows)}: C window loops); leave "
+             f"model.cell_kernel: {m.cell_kernel} is offered for "
+             f"{kinds_that(lambda c: c.supports.c_windows)} only (C window loops); leave "
              f"model.cell_kernel: auto for {m.kind}")
     _require(m.cell_kernel != "c" or cell_kernel_applies(cfg),
-             "model.cell_kernel: c is a kernel of the hand-written fp32 backward without "
-             "randomized truncation; with model.backward=autograd, train.precision=bf16, "
-             "train.compile or train.truncation=randomized use model.cell_kernel=auto")
+             "model.cell_kernel: c is a kernel of the hand-written fp32 eager backward without "
+             f"randomized truncation; with {' and '.join(c_kernel_blockers(cfg))} use "
+             "model.cell_kernel=auto")
     _require(m.cell_kernel != "c" or cfg.device in ("auto", "cpu"),
              f"model.cell_kernel: c runs on the CPU; with device: {cfg.device} use "
              "model.cell_kernel=auto")
@@ -288,22 +315,23 @@ def check_distributed(cfg: Config, world_size: int) -> None:
 
 
 def check_cell_kernel(cfg: Config, device: torch.device) -> None:
-    """model.cell_kernel=c must be able to run here; auto falls back to tensor ops (said once
-    where it would have used the C kernels)."""
+    """model.cell_kernel=c must be able to run here; auto falls back to PyTorch's ops (the
+    TorchScript loops, or a torch.nn kind's own layer; said once where it would have used the
+    C kernels). A kind without per-step C kernels (supports.c_steps) needs the whole-window
+    loops."""
     kernel = cfg.model.cell_kernel
     if kernel == "torch" or not cell_kernel_applies(cfg):
         return
     if kernel == "c" and device.type != "cpu":
         raise ConfigError(f"model.cell_kernel: c runs on the CPU, this run is on {device.type}: "
                           "use model.cell_kernel=auto")
-    whole_windows = not model_class(cfg).supports.c_steps
-    reason = native.unavailable_reason(whole_windows=whole_windows) \
-        if device.type == "cpu" else None
+    reason = c_kernels_unavailable(cfg) if device.type == "cpu" else None
     if reason and kernel == "c":
         raise ConfigError(f"model.cell_kernel: c cannot be used here: {reason}; use "
                           "model.cell_kernel=auto (tensor ops)")
     if reason:
-        print(f"note: C cell kernels unavailable ({reason}); using tensor ops", file=sys.stderr)
+        print(f"note: C cell kernels unavailable ({reason}); using PyTorch's ops",
+              file=sys.stderr)
 
 
 def check_run(cfg: Config, device: torch.device, shards: int) -> None:

@@ -44,15 +44,22 @@ class ModelConfig:
     embedding_dim: int | None = None  # None: one-hot input (D2L); an int: a learned embedding
     # Scratch models only: "manual" runs each layer's window with the hand-written BPTT
     # backward (rnnlm/bptt/rnn.py, gated.py; same numbers, far fewer ops), "autograd" step by step.
-    # "auto" is manual for the scratch kinds; torch.nn kinds always use their own backward.
+    # "auto" is manual for the scratch kinds, except under bf16 or train.compile (autograd).
+    # The torch.nn kinds take only "auto": they run the same hand-written backward exactly
+    # where they run the C windows, else their layer's own backward (model.cell_kernel).
     backward: Literal["auto", "manual", "autograd"] = "auto"
     activation: Literal["tanh", "identity"] = "tanh"  # identity: D2L 8.7's linear RNN
-    # Scratch models with the hand-written backward, float32 on a CPU: "c" runs each window's
-    # step loop in C, calling PyTorch's MKL for the recurrent matmuls, or, without those
-    # symbols, each GRU/LSTM step's elementwise work in one C call (native.py, built
-    # with the system's C compiler on first use); "torch" uses tensor ops (TorchScript);
-    # "auto" is c where it can be built and used, else torch; "c" refuses to train where it
-    # cannot be used.
+    # Float32 on a CPU, eager, without bf16 autocast: "c" runs each window's step loop in C,
+    # calling PyTorch's MKL for the recurrent matmuls (native.py, built with the system's C
+    # compiler on first use); "auto" is c where it can be built and used, else torch; "c"
+    # refuses to train where it cannot be used. Scratch models with the hand-written
+    # backward: without MKL's symbols "c" runs each GRU/LSTM step's elementwise work in one
+    # C call instead; "torch" runs the same windows in tensor ops (TorchScript). torch.nn
+    # kinds (rnn, gru, lstm): "c" runs their layers one at a time through the scratch
+    # layers' C windows (with their hand-written backward) on the layer's own weights;
+    # "torch" always calls PyTorch's layer (oneDNN on a CPU, cuDNN on a GPU); "auto" calls
+    # it wherever the C windows cannot run (a GPU, bf16 autocast, train.compile), and both
+    # "auto" and "c" call it for one-step windows (generation), where it is faster.
     cell_kernel: Literal["auto", "c", "torch"] = "auto"
     input_dropout: float = 0.0  # on the embeddings (needs embedding_dim)
     output_dropout: float = 0.0  # on the last layer's outputs, before the output layer

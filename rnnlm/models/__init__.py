@@ -27,7 +27,9 @@ MODEL_KINDS: dict[str, type[LanguageModel]] = {
 def build_model(model_cfg, vocab_size: int, train_cfg=None) -> LanguageModel:
     """The model a config describes. train_cfg (optional) decides what model.backward=auto
     means for the kinds with a hand-written backward: that backward, except under bf16
-    autocast or torch.compile, which need autograd's graph."""
+    autocast or torch.compile, which need autograd's graph. model.cell_kernel goes as given
+    to the kinds with C windows: each decides per window whether the C loops can run there
+    (a torch.nn kind also falls back to its layer under autocast or torch.compile)."""
     cls = MODEL_KINDS[model_cfg.kind]
     extra = {}
     if cls.supports.manual_backward:
@@ -35,6 +37,7 @@ def build_model(model_cfg, vocab_size: int, train_cfg=None) -> LanguageModel:
             (train_cfg.precision != "fp32" or train_cfg.compile)
         auto = "autograd" if needs_autograd else "manual"
         extra["backward"] = auto if model_cfg.backward == "auto" else model_cfg.backward
+    if cls.supports.c_windows:
         extra["cell_kernel"] = model_cfg.cell_kernel
     return cls(vocab_size, model_cfg.hidden_size, num_layers=model_cfg.num_layers,
                dropout=model_cfg.dropout, embedding_dim=model_cfg.embedding_dim,

@@ -16,6 +16,36 @@ from torch import nn
 State = tuple[torch.Tensor, ...]
 
 
+def keep_mask(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Tensor:
+    """A dropout mask of `shape`: 0 with probability p, else 1 / (1 - p), on like's device and
+    in its dtype. Drawn as uniform numbers compared with p rather than with bernoulli_ (what
+    F.dropout and nn.Dropout draw with): on the CPU bernoulli_ took three to four times as
+    long for the same mask (37 against 12 ms for a million, one thread), which was a quarter
+    of the held-out LSTM's training step with its four dropouts and DropConnect."""
+    return torch.rand(shape, device=like.device).ge_(p).div_(1 - p).to(like.dtype)
+
+
+def drop(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Dropout of every element (F.dropout's function, keep_mask's masks)."""
+    if not training or p == 0:
+        return x
+    return x * keep_mask(x.shape, p, x)
+
+
+class Dropout(nn.Module):
+    """A fresh mask for every element of every step (Zaremba et al.), as nn.Dropout."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class LockedDropout(nn.Module):
     """Variational dropout (Gal & Ghahramani; AWD-LSTM's "locked" dropout): one mask per lane
     and feature, shared by every time step of the window, so a dropped unit stays dropped for
@@ -28,16 +58,15 @@ class LockedDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        keep = x.new_empty((1, *x.shape[1:])).bernoulli_(1 - self.p)
-        return x * keep.div_(1 - self.p)  # scale the small mask, not the activations
+        return x * keep_mask((1, *x.shape[1:]), self.p, x)  # the small mask is scaled
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
 
 #: model.dropout_masks -> the dropout layer: a fresh mask for every element of every step
-#: (nn.Dropout, Zaremba et al.), or one mask per lane for the whole window
-DROPOUT_MASKS: dict[str, type[nn.Module]] = {"per_step": nn.Dropout, "locked": LockedDropout}
+#: (Zaremba et al.), or one mask per lane for the whole window
+DROPOUT_MASKS: dict[str, type[nn.Module]] = {"per_step": Dropout, "locked": LockedDropout}
 
 
 @dataclass(frozen=True)
@@ -48,10 +77,14 @@ class Supports:
     #: the core runs step by step in Python: per-step gradient hooks are possible, and so is
     #: randomized truncation (forward(..., xi=...), each step's dh_t/dh_(t-1) scaled by xi_t)
     step_by_step: bool = False
-    #: model.backward=manual: each layer's window runs the hand-written BPTT backward
-    #: (rnnlm.bptt); model.backward=auto picks it where the run allows (fp32, eager)
+    #: model.backward=manual|autograd can be chosen: manual runs each layer's window with the
+    #: hand-written BPTT backward (rnnlm.bptt), autograd steps through time; model.backward=
+    #: auto picks manual where the run allows (fp32, eager)
     manual_backward: bool = False
-    #: model.cell_kernel=c: the hand-written windows can run their loops in C (rnnlm.kernels)
+    #: model.cell_kernel (auto | c | torch) applies: the windows can run their loops in C
+    #: (rnnlm.kernels) with the hand-written backward. A kind that declares this without
+    #: manual_backward (a torch.nn layer) runs those windows on its own weights where the C
+    #: loops can run and model.cell_kernel is not torch, and its fused layer elsewhere
     c_windows: bool = False
     #: besides whole windows, one C call per step for the elementwise work, where PyTorch's
     #: BLAS cannot be reached from C; without it the C kernels need the whole-window loops
@@ -63,6 +96,9 @@ class Supports:
     #: train.batch_shards=auto splits batches across cores (one lane group per core); False
     #: where the layer already keeps every core busy and sharding was measured to lose
     auto_shards: bool = True
+    #: where auto_shards is False: auto splits all the same when the run's windows will use
+    #: the C kernels (c_windows), whose single-threaded loops shard as the scratch kinds' do
+    auto_shards_on_c_windows: bool = False
 
     @property
     def randomized_truncation(self) -> bool:

@@ -14,6 +14,7 @@ share one recurrent matmul per step and has an exact torch.nn twin.
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from torch import nn
 
 from rnnlm.bptt.gated import gru_window, lstm_window
 from rnnlm.bptt.rnn import manual_rnn_window, scale_grad
-from rnnlm.models.base import Decoder, LanguageModel, State, Supports
+from rnnlm.models.base import Decoder, LanguageModel, State, Supports, drop
 from rnnlm.models.decoding import PreparedDecoder
 
 
@@ -56,25 +57,46 @@ def lstm_cell(xw_t, state, w_hh, b_hh):
     return (h, c)
 
 
-# Hand-written windows. RNN and LSTM add b_hh to the input projection once per window (it
-# is additive there); the GRU keeps it apart because its reset gate multiplies W_hn h + b_hn.
-def rnn_window(layer, x, state, xi=None, activation="tanh"):
-    xw = layer.project_input(x, layer.bias_ih + layer.bias_hh)
-    hs = manual_rnn_window(xw, state[0], layer.recurrent_weight(), activation, xi,
-                           layer.cell_kernel)
+class LayerWeights(NamedTuple):
+    """One recurrent layer's weights in torch.nn's layout, as its window uses them:
+    weight_hh is the one the window runs with (after DropConnect, in training)."""
+
+    weight_ih: torch.Tensor
+    weight_hh: torch.Tensor
+    bias_ih: torch.Tensor
+    bias_hh: torch.Tensor
+
+
+def project_input(x: torch.Tensor, weight_ih: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Input projection of a whole window plus `bias`: (T, B) ids or (T, B, I) -> (T, B, G*H)."""
+    if x.dtype == torch.long:
+        # One-hot input: x_t W^T + b is row x_t of (W^T + b), an embedding lookup. That
+        # table is tiny (V x G*H), and F.embedding's backward beats indexing's on CPU.
+        # W^T + b keeps W^T's column-major layout; gathering its rows strided is ~6x
+        # slower than copying rows of a contiguous table (0.7 against 0.1 ms a batch).
+        return F.embedding(x, (weight_ih.t() + bias).contiguous())
+    return torch.matmul(x, weight_ih.t()) + bias
+
+
+# Hand-written windows, one layer each, on any layer's weights (a ScratchLayer's, or a
+# torch.nn layer's own parameters): (weights, x, state, xi, cell_kernel) -> (outputs, final
+# state). RNN and LSTM add b_hh to the input projection once per window (it is additive
+# there); the GRU keeps it apart because its reset gate multiplies W_hn h + b_hn.
+def rnn_window(w: LayerWeights, x, state, xi=None, cell_kernel="auto", activation="tanh"):
+    xw = project_input(x, w.weight_ih, w.bias_ih + w.bias_hh)
+    hs = manual_rnn_window(xw, state[0], w.weight_hh, activation, xi, cell_kernel)
     return hs, (hs[-1],)
 
 
-def gru_manual_window(layer, x, state, xi=None):
-    hs = gru_window(layer.project_input(x), state[0], layer.recurrent_weight(), layer.bias_hh,
-                    xi, layer.cell_kernel)
+def gru_manual_window(w: LayerWeights, x, state, xi=None, cell_kernel="auto"):
+    hs = gru_window(project_input(x, w.weight_ih, w.bias_ih), state[0], w.weight_hh,
+                    w.bias_hh, xi, cell_kernel)
     return hs, (hs[-1],)
 
 
-def lstm_manual_window(layer, x, state, xi=None):
-    xw = layer.project_input(x, layer.bias_ih + layer.bias_hh)
-    hs, c = lstm_window(xw, state[0], state[1], layer.recurrent_weight(), xi,
-                        layer.cell_kernel)
+def lstm_manual_window(w: LayerWeights, x, state, xi=None, cell_kernel="auto"):
+    xw = project_input(x, w.weight_ih, w.bias_ih + w.bias_hh)
+    hs, c = lstm_window(xw, state[0], state[1], w.weight_hh, xi, cell_kernel)
     return hs, (hs[-1], c)
 
 
@@ -101,24 +123,19 @@ class ScratchLayer(nn.Module):
     def project_input(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Input projection of the whole window plus `bias` (default b_ih):
         (T, B) ids or (T, B, I) -> (T, B, G*H)."""
-        bias = self.bias_ih if bias is None else bias
-        if x.dtype == torch.long:
-            # One-hot input: x_t W^T + b is row x_t of (W^T + b), an embedding lookup. That
-            # table is tiny (V x G*H), and F.embedding's backward beats indexing's on CPU.
-            # W^T + b keeps W^T's column-major layout; gathering its rows strided is ~6x
-            # slower than copying rows of a contiguous table (0.7 against 0.1 ms a batch).
-            return F.embedding(x, (self.weight_ih.t() + bias).contiguous())
-        return torch.matmul(x, self.weight_ih.t()) + bias
+        return project_input(x, self.weight_ih, self.bias_ih if bias is None else bias)
 
     def recurrent_weight(self) -> torch.Tensor:
         """W_hh, with DropConnect in training: one mask per call, shared by every step; the
         gradient flows through the mask back to W_hh (also through the manual windows)."""
-        return F.dropout(self.weight_hh, self.weight_dropout, self.training)
+        return drop(self.weight_hh, self.weight_dropout, self.training)
 
     def forward(self, x: torch.Tensor, state: State,
                 xi: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
         if self.window is not None:
-            return self.window(self, x, state, xi)
+            weights = LayerWeights(self.weight_ih, self.recurrent_weight(), self.bias_ih,
+                                   self.bias_hh)
+            return self.window(weights, x, state, xi, self.cell_kernel)
         xw = self.project_input(x)
         w_hh = self.recurrent_weight()
         outputs = []

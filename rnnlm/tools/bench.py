@@ -2,9 +2,11 @@
 --help says what it measures and how).
 
 Per preset: our tokens/s and the D2L reference's in short rounds taken in turns, the model's
-matmul FLOPs per token and the fp32 roofline measured at its own shapes, the final perplexity
-of one long run of each; then generation speed against D2L's predict_ch8. `benchmark` runs
-it and writes the report into docs/benchmarks.md between its markers.
+matmul FLOPs per token and the fp32 roofline measured at its own shapes, our GFLOP/s per core
+against the core's own fp32 and bf16 GEMM peak (`machine_peaks`), the final perplexity of one
+long run of each; then generation speed against D2L's predict_ch8. `benchmark` runs it and
+writes the report into docs/benchmarks.md between its markers. `flops_per_token`,
+`machine_line` and `write_section` also serve `rnnlm bench speedrun` (rnnlm.tools.speedrun).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,11 +33,15 @@ from rnnlm.kernels.scripting import scripted
 from rnnlm.models import MODEL_KINDS, build_model
 from rnnlm.training.metrics import read_records
 from rnnlm.training.run import train
-from rnnlm.training.step import shard_pool
+from rnnlm.training.step import resolve_batch_shards, shard_pool, usable_cores
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT.parent / "shared" / "tools" / "d2l_reference.sh"
 GEN_REPEATS = 3  # generation runs of each side, taken in turns
+# The peak GEMM: large enough that packing and the edges cost nothing and the core's multiply
+# units set the speed (4096: about 0.8 s per fp32 product on one Sapphire Rapids core).
+PEAK_SIZE = 4096
+PEAK_REPS = 3
 
 
 def gates_of(kind: str) -> int:
@@ -139,6 +146,72 @@ def matmul_roofline(kind: str, hidden: int, layers: int, vocab: int, batch: int,
     return flops / seconds / 1e9
 
 
+@contextmanager
+def intra_op_threads(count: int):
+    """torch's intra-op threads set to `count` inside the block, the caller's count after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def gemm_peak(dtype: torch.dtype, size: int = PEAK_SIZE, reps: int = PEAK_REPS) -> float:
+    """GFLOP/s of one core on one square GEMM (size x size) @ (size x size) in `dtype`, the
+    best of `reps` after one warm-up: the fastest this core multiplies matrices, in the
+    fastest library torch has for the dtype (MKL for fp32; oneDNN for bf16, which uses AMX or
+    AVX512-BF16 where the CPU has them). One intra-op thread is one core. The best, not the
+    median: other processes on a shared machine can only slow a product down."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=g).to(dtype)
+    b = torch.randn(size, size, generator=g).to(dtype)
+    out = torch.empty(size, size, dtype=dtype)
+    best = float("inf")
+    with intra_op_threads(1):
+        torch.mm(a, b, out=out)
+        for _ in range(reps):
+            start = time.perf_counter()
+            torch.mm(a, b, out=out)
+            best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+def machine_peaks(size: int = PEAK_SIZE, reps: int = PEAK_REPS) -> dict[str, float]:
+    """The core's GEMM peak in GFLOP/s: {"fp32": ..., "bf16": ...} (gemm_peak)."""
+    return {"fp32": gemm_peak(torch.float32, size, reps),
+            "bf16": gemm_peak(torch.bfloat16, size, reps)}
+
+
+def peak_line(peaks: dict[str, float], size: int = PEAK_SIZE, reps: int = PEAK_REPS) -> str:
+    """The report's line that states the machine's peaks."""
+    fp32_lib = "MKL" if torch.backends.mkl.is_available() else "torch"
+    bf16_lib = "oneDNN" if torch.backends.mkldnn.is_available() else "torch"
+    return (f"Peak of one core (torch.mm, one {size}x{size} product per dtype on one thread, "
+            f"best of {reps}): fp32 {peaks['fp32']:,.0f} GFLOP/s ({fp32_lib}), bf16 "
+            f"{peaks['bf16']:,.0f} GFLOP/s ({bf16_lib}).")
+
+
+def threads_used(cfg) -> int:
+    """The cores a CPU training run of `cfg` keeps busy, as it sets its threads
+    (rnnlm.training.run.run_threads, step.shard_pool): train.threads intra-op threads, or
+    torch's default, or one when the batch is sharded, in each of the batch shards; at most
+    the cores this process may run on."""
+    shards = resolve_batch_shards(cfg, torch.device("cpu"), False)
+    per_shard = cfg.train.threads or (1 if shards > 1 else torch.get_num_threads())
+    return max(1, min(shards * per_shard, usable_cores()))
+
+
+def achieved(tokens_per_s: float, fpt: float, threads: int,
+             peaks: dict[str, float] | None) -> dict:
+    """Our matmul GFLOP/s per core (tokens/s x FLOPs/token over the cores the run used) and
+    its fraction of each peak (None without peaks: not measured on a GPU run)."""
+    per_core = tokens_per_s * fpt / threads / 1e9
+    return {"threads": threads, "gflops_core": per_core,
+            "of_fp32": peaks and per_core / peaks["fp32"],
+            "of_bf16": peaks and per_core / peaks["bf16"]}
+
+
 def run_ours(preset: str, epochs: int, warmup: int, out_root: Path, device: str,
              overrides: list[str]) -> dict:
     """Train `epochs` epochs in this process: final perplexity, and tokens/s as the median
@@ -170,7 +243,7 @@ def run_reference(preset: str, epochs: int) -> dict | None:
 
 def applicable_settings(preset: str, settings: list[str], overrides) -> list[str]:
     """The settings ("" is the preset itself) whose overrides this preset's config accepts;
-    a variant that does not apply to it (model.cell_kernel on a torch.nn layer, say) is
+    a variant that does not apply to it (model.backward=autograd on a torch.nn layer, say) is
     named and left out of its rows, not fatal to the run."""
     kept = []
     for setting in settings:
@@ -290,6 +363,11 @@ def benchmark(args, command: str) -> int:
 
     rows = []
     use_reference = not args.no_reference and args.device == "cpu"
+    peaks = None
+    if args.device == "cpu":  # the CPU's peak says nothing about a GPU run's speed
+        print(f"the core's GEMM peak ({PEAK_SIZE}x{PEAK_SIZE}, fp32 and bf16) ...",
+              file=sys.stderr, flush=True)
+        peaks = machine_peaks()
 
     def overrides(setting: str) -> list[str]:
         return [*args.set, *(setting.split(",") if setting else [])]
@@ -345,27 +423,13 @@ def benchmark(args, command: str) -> int:
                     "mflop_per_token": fpt / 1e6, "gflops": gflops, "roofline": roofline,
                     "fraction": median_or_none(fractions),
                     "fraction_range": value_range(fractions),
+                    **(achieved(ours, fpt, threads_used(long[setting]["cfg"]), peaks)
+                       if args.device == "cpu" else {}),
                 })
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     gen = generation_speed(args.gen_chars, args.device) if args.gen_chars else None
 
-    variants = bool(args.variant)
-    header = ("| preset | ours tok/s | D2L tok/s | ratio | " + "vs preset | " * variants +
-              "MFLOP/token | matmul GFLOP/s | roofline tok/s | of roofline | ours ppl | "
-              "D2L ppl |")
-    lines = [header, "|" + "---|" * (10 + variants)]
-    for r in rows:
-        vs_preset = f"{r['vs_preset']:.2f}x | " if variants else ""
-        spread = r["ratio_range"] and f" ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f})"
-        of_roofline = r["fraction_range"] and (f" ({100 * r['fraction_range'][0]:.0f}-"
-                                               f"{100 * r['fraction_range'][1]:.0f}%)")
-        lines.append(f"| {r['preset']} | {fmt(r['ours'])} | {fmt(r['ref'])} | "
-                     f"{fmt(r['ratio'], '.2f', suffix='x')}{spread or ''} | {vs_preset}"
-                     f"{r['mflop_per_token']:.2f} | "
-                     f"{fmt(r['gflops'], '.0f')} | {fmt(r['roofline'])} | "
-                     f"{fmt(r['fraction'] and 100 * r['fraction'], '.0f', suffix='%')}"
-                     f"{of_roofline or ''} | "
-                     f"{r['ours_ppl']:.3f} | {fmt(r['ref_ppl'], '.3f')} |")
+    lines = preset_table(rows, variants=bool(args.variant))
     speed = {r["preset"]: r["ours"] for r in rows}  # variants have longer names
     twins = [f"{kind}_scratch / {kind}: {speed[f'{kind}_scratch'] / speed[kind]:.2f}x"
              for kind in ("gru", "lstm") if f"{kind}_scratch" in speed and kind in speed]
@@ -385,8 +449,16 @@ def benchmark(args, command: str) -> int:
                f"runs, median; of roofline: median of the per-round fractions (range)")
     else:
         how = f"tokens/s: median over the epochs of the long run after {args.warmup} warm-up"
+    # the two kinds of limit, said apart: one library's at our shapes, the hardware's
+    how += ("; of roofline is against what MKL reaches on the model's own matmul shapes, "
+            "one library's limit at those shapes")
+    if peaks:
+        how += ("; GFLOP/s per core: ours tok/s x MFLOP/token over the cores the run keeps "
+                "busy (its threads, one per batch shard when sharded); of fp32 / bf16 peak: "
+                "that over the core's peak above, the hardware's limit")
     report = "\n".join([
         f"Machine: {machine_line(args.device)}; device {args.device}.",
+        *([peak_line(peaks)] if peaks else []),
         f"Command: `{command.strip()}` ({how}; ppl: final training perplexity after "
         f"{args.epochs} epochs, both trainers).", "", *lines,
         *[f"\n{line}" for line in (twin_line, gen_line) if line]])
@@ -397,6 +469,33 @@ def benchmark(args, command: str) -> int:
             f" {item}" for item in args.set + args.variant)
         write_section(Path(args.write), name, report)
     return 0
+
+
+def preset_table(rows: list[dict], variants: bool) -> list[str]:
+    """The report's markdown table, one line per row of `benchmark` (with a "vs preset"
+    column when there are variants). A row without "gflops_core" (a GPU run: no CPU peak)
+    shows n/a in the per-core columns."""
+    header = ("| preset | ours tok/s | D2L tok/s | ratio | " + "vs preset | " * variants +
+              "MFLOP/token | matmul GFLOP/s | roofline tok/s | GFLOP/s per core | "
+              "of fp32 peak | of bf16 peak | of roofline | ours ppl | D2L ppl |")
+    lines = [header, "|" + "---|" * (13 + variants)]
+    for r in rows:
+        vs_preset = f"{r['vs_preset']:.2f}x | " if variants else ""
+        spread = r["ratio_range"] and f" ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f})"
+        of_roofline = r["fraction_range"] and (f" ({100 * r['fraction_range'][0]:.0f}-"
+                                               f"{100 * r['fraction_range'][1]:.0f}%)")
+        of_fp32, of_bf16 = r.get("of_fp32"), r.get("of_bf16")
+        lines.append(f"| {r['preset']} | {fmt(r['ours'])} | {fmt(r['ref'])} | "
+                     f"{fmt(r['ratio'], '.2f', suffix='x')}{spread or ''} | {vs_preset}"
+                     f"{r['mflop_per_token']:.2f} | "
+                     f"{fmt(r['gflops'], '.0f')} | {fmt(r['roofline'])} | "
+                     f"{fmt(r.get('gflops_core'), '.1f')} | "
+                     f"{fmt(of_fp32 and 100 * of_fp32, '.1f', suffix='%')} | "
+                     f"{fmt(of_bf16 and 100 * of_bf16, '.1f', suffix='%')} | "
+                     f"{fmt(r['fraction'] and 100 * r['fraction'], '.0f', suffix='%')}"
+                     f"{of_roofline or ''} | "
+                     f"{r['ours_ppl']:.3f} | {fmt(r['ref_ppl'], '.3f')} |")
+    return lines
 
 
 def write_section(path: Path, name: str, body: str) -> None:

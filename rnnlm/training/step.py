@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from rnnlm.config.checks import model_class, shards_allowed
+from rnnlm.config.checks import model_class, shards_allowed, uses_c_kernels
 from rnnlm.models import LanguageModel, State
 
 
@@ -62,13 +62,16 @@ def resolve_batch_shards(cfg, device: torch.device, distributed: bool) -> int:
     each core a process) with two or more cores, and a config that a fixed 2 would pass
     (config.checks.validate: no dropout of any kind, as one random stream cannot be shared by
     the shard threads reproducibly, no torch.compile, two lanes or more), for every kind that
-    declares supports.auto_shards (all but torch.nn's LSTM, whose fused oneDNN kernel already
-    keeps both cores busy); else 1."""
+    declares supports.auto_shards, or supports.auto_shards_on_c_windows where its windows
+    will run the C kernels (torch.nn's LSTM: its fused oneDNN kernel already keeps both
+    cores busy, the C windows do not); else 1."""
     shards = cfg.train.batch_shards
     if shards != "auto":
         return shards
-    possible = (device.type == "cpu" and not distributed
-                and model_class(cfg).supports.auto_shards
+    supports = model_class(cfg).supports
+    pays = supports.auto_shards or \
+        (supports.auto_shards_on_c_windows and uses_c_kernels(cfg, device))
+    possible = (device.type == "cpu" and not distributed and pays
                 and usable_cores() >= 2 and shards_allowed(cfg, 2))
     return 2 if possible else 1
 

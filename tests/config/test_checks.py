@@ -48,12 +48,17 @@ def test_randomized_truncation_follows_the_declaration(toys):
         load_config(None, ["model.kind=fused_toy", "train.truncation=randomized"])
 
 
-def test_manual_backward_and_c_windows_follow_the_declaration(toys):
-    for key in ("model.backward=manual", "model.cell_kernel=c"):
-        with pytest.raises(ConfigError, match=r"scratch kinds only \(rnn_scratch, gru_scratch, "
-                                              r"lstm_scratch:"):
-            load_config(None, ["model.kind=fused_toy", key])
+def test_manual_backward_and_c_windows_follow_the_declaration(toys, monkeypatch):
+    with pytest.raises(ConfigError, match=r"model.backward: manual is offered for rnn_scratch, "
+                                          r"gru_scratch, lstm_scratch only .* fused_toy declares "
+                                          r"none"):
+        load_config(None, ["model.kind=fused_toy", "model.backward=manual"])
+    with pytest.raises(ConfigError, match=r"model.cell_kernel: c is offered for rnn_scratch, "
+                                          r"gru_scratch, lstm_scratch, rnn, gru, lstm only"):
+        load_config(None, ["model.kind=fused_toy", "model.cell_kernel=c"])
     load_config(None, ["model.kind=rnn_scratch", "model.backward=manual"])
+    monkeypatch.setattr(FusedToy, "supports", Supports(c_windows=True))
+    load_config(None, ["model.kind=fused_toy", "model.cell_kernel=c"])
 
 
 def test_activations_are_asked_of_the_classes(toys):
@@ -65,10 +70,22 @@ def test_activations_are_asked_of_the_classes(toys):
 def test_auto_shards_follow_the_declaration(toys, monkeypatch):
     monkeypatch.setattr("rnnlm.training.step.usable_cores", lambda: 2)
     cpu = torch.device("cpu")
-    for kind, expected in (("rnn", 2), ("lstm", 1), ("fused_toy", 2)):
+    for kind, expected in (("rnn", 2), ("fused_toy", 2)):
         cfg = load_config(None, [f"model.kind={kind}", "train.batch_shards=auto"])
         assert resolve_batch_shards(cfg, cpu, distributed=False) == expected, kind
     monkeypatch.setattr(FusedToy, "supports", Supports(auto_shards=False))
+    cfg = load_config(None, ["model.kind=fused_toy", "train.batch_shards=auto"])
+    assert resolve_batch_shards(cfg, cpu, distributed=False) == 1
+    # auto_shards_on_c_windows: shards where the C kernels will run, not on the fused layer
+    monkeypatch.setattr(FusedToy, "supports", Supports(auto_shards=False, c_windows=True,
+                                                       auto_shards_on_c_windows=True))
+    monkeypatch.setattr(checks.native, "unavailable_reason", lambda whole_windows=False: None)
+    for kernel, expected in (("auto", 2), ("c", 2), ("torch", 1)):
+        cfg = load_config(None, ["model.kind=fused_toy", "train.batch_shards=auto",
+                                 f"model.cell_kernel={kernel}"])
+        assert resolve_batch_shards(cfg, cpu, distributed=False) == expected, kernel
+    assert resolve_batch_shards(cfg, torch.device("cuda"), distributed=False) == 1
+    monkeypatch.setattr(checks.native, "unavailable_reason", lambda whole_windows=False: "no")
     cfg = load_config(None, ["model.kind=fused_toy", "train.batch_shards=auto"])
     assert resolve_batch_shards(cfg, cpu, distributed=False) == 1
 

@@ -265,12 +265,14 @@ def test_c_on_a_gpu_is_refused():
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (["model.kind=rnn", "model.cell_kernel=c"], "the scratch kinds only"),
-    (["model.kind=lstm", "model.cell_kernel=torch"], "the scratch kinds only"),
+    (["model.kind=lstm", "model.cell_kernel=c", "train.precision=bf16"],
+     "hand-written fp32 eager backward"),
+    (["model.kind=rnn", "model.cell_kernel=c", "train.compile=true"],
+     "hand-written fp32 eager backward"),
     (["model.kind=lstm_scratch", "model.cell_kernel=c", "model.backward=autograd"],
-     "hand-written fp32 backward"),
+     "hand-written fp32 eager backward"),
     (["model.kind=gru_scratch", "model.cell_kernel=c", "train.truncation=randomized"],
-     "hand-written fp32 backward"),
+     "hand-written fp32 eager backward"),
     (["model.kind=gru_scratch", "model.cell_kernel=c", "device=cuda"], "runs on the CPU"),
     (["model.kind=gru_scratch", "model.cell_kernel=fast"], "model.cell_kernel"),
 ])

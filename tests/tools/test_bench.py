@@ -78,12 +78,12 @@ def test_bench_writes_its_table_with_the_reference_of_each_round(tmp_path, monke
 def test_a_variant_that_does_not_apply_to_a_preset_is_left_out(capsys):
     def overrides(setting):
         return setting.split(",") if setting else []
-    settings = ["", "model.cell_kernel=torch", "train.threads=1"]
+    settings = ["", "model.backward=autograd", "train.threads=1"]
     assert bench.applicable_settings("lstm_scratch", settings, overrides) == settings
     assert bench.applicable_settings("lstm", settings, overrides) == ["", "train.threads=1"]
-    assert "variant model.cell_kernel=torch left out" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="model.cell_kernel"):  # the preset itself must load
-        bench.applicable_settings("lstm", [""], lambda s: ["model.cell_kernel=torch"])
+    assert "variant model.backward=autograd left out" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="model.backward"):  # the preset itself must load
+        bench.applicable_settings("lstm", [""], lambda s: ["model.backward=autograd"])
 
 
 @pytest.mark.parametrize("args,match", [
