@@ -18,6 +18,10 @@ SETTINGS = {"train.epochs": 2, "train.threads": 1, "data.max_tokens": 600,
             "train.predict_chars": 20}
 
 
+# One xdist worker runs this module, so its trained fixture is made once (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("test_api")
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, time_machine_path):
     """A 2-epoch tiny run trained through the API."""

@@ -133,6 +133,10 @@ def logged(folder: Path) -> int:
 # ---------------------------------------------------------------------------- the shared run
 
 
+# One xdist worker runs this module, so its trained fixture is made once (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("test_faults")
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, time_machine_path):
     """A finished run of the tiny config on a text of the user's own (notes.txt: not the

@@ -25,8 +25,11 @@ from rnnlm.data.corpus import ensure_time_machine
 from rnnlm.files import WriteError
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(),
-                                reason="the injector finds a file's name through /proc")
+pytestmark = [pytest.mark.skipif(not Path("/proc/self/fd").is_dir(),
+                                 reason="the injector finds a file's name through /proc"),
+              # one xdist worker runs this module: its trained fixture is made once
+              # (tests/conftest.py)
+              pytest.mark.xdist_group("test_write_failures")]
 
 REASONS = {"ENOSPC": "No space left on device", "EIO": "Input/output error"}
 

@@ -194,6 +194,10 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+# One xdist worker runs this module, so its trained fixture is made once (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("test_diagnostics")
+
+
 @pytest.fixture(scope="module")
 def diagnosed_runs(tmp_path_factory):
     """Three tiny runs with diagnostics: RNN regular, GRU randomized, LSTM variable_length."""

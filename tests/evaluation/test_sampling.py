@@ -24,6 +24,9 @@ from rnnlm.models.base import Decoder
 from rnnlm.training.run import train
 from tests.conftest import ROOT
 
+# One xdist worker runs this module, so its trained fixture is made once (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("test_sampling")
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, time_machine_path):

@@ -62,6 +62,10 @@ def test_an_ensemble_of_one_model_twice_scores_as_the_model():
     assert together.loss == pytest.approx(alone.loss, abs=1e-12)
 
 
+# One xdist worker runs this module, so its trained fixture is made once (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("test_scoring")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two tiny trained runs: a d2l one with a validation and test split, and a raw one

@@ -25,6 +25,10 @@ def run_script(*args):
                           capture_output=True, text=True, timeout=120)
 
 
+# One xdist worker runs this module, so its trained fixture is made once (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("test_line_joins")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("joins")

@@ -18,11 +18,15 @@ def test_the_peak_is_measured_on_one_thread_for_both_dtypes(monkeypatch):
         return real_mm(*args, **kwargs)
 
     before = torch.get_num_threads()
-    monkeypatch.setattr(torch, "mm", watched_mm)
-    peaks = bench.machine_peaks(size=64, reps=2)
-    assert set(peaks) == {"fp32", "bf16"} and all(v > 0 for v in peaks.values())
-    assert threads == [1] * 6  # a warm-up and two timed products per dtype, each on one core
-    assert torch.get_num_threads() == before
+    torch.set_num_threads(3)  # not 1, which an xdist worker may run on (tests/conftest.py)
+    try:
+        monkeypatch.setattr(torch, "mm", watched_mm)
+        peaks = bench.machine_peaks(size=64, reps=2)
+        assert set(peaks) == {"fp32", "bf16"} and all(v > 0 for v in peaks.values())
+        assert threads == [1] * 6  # a warm-up and two timed products per dtype, on one core
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
     line = bench.peak_line(peaks, size=64, reps=2)
     assert f"fp32 {peaks['fp32']:,.0f} GFLOP/s" in line and "one 64x64 product" in line
     assert f"bf16 {peaks['bf16']:,.0f} GFLOP/s" in line

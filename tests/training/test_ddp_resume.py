@@ -25,6 +25,9 @@ EPOCHS = 4
 SETTINGS = ["train.threads=1", "train.predict_every=0", "data.max_tokens=800",
             "train.checkpoint_every=1", "train.auto_resume=true", f"train.epochs={EPOCHS}"]
 PROBE = str(ROOT / "tests" / "training" / "torchrun_probe.py")
+# every torchrun test in one xdist group, run by one worker (tests/conftest.py); the reference
+# fixture is then made once too
+pytestmark = pytest.mark.xdist_group("torchrun")
 
 
 def read_metrics(out_dir):

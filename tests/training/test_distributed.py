@@ -39,6 +39,7 @@ EQUIVALENCE_CASES = {
 }
 
 
+@pytest.mark.xdist_group("torchrun")  # one torchrun job at a time (tests/conftest.py)
 @pytest.mark.parametrize("iterator", list(EQUIVALENCE_CASES))
 def test_two_processes_match_one(iterator, data_dir, tmp_path, monkeypatch):
     overrides = [f"data.data_dir={data_dir}", "train.epochs=3", "train.threads=1",

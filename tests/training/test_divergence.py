@@ -289,6 +289,7 @@ def test_the_notebook_api_raises_training_diverged(tiny_overrides):
 # ------------------------------------------------------------------ DDP and CUDA
 
 
+@pytest.mark.xdist_group("torchrun")  # one torchrun job at a time (tests/conftest.py)
 def test_every_rank_stops_with_the_exit_code_under_torchrun(tiny_overrides, tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}

@@ -209,6 +209,7 @@ def test_heldout_presets():
     assert spaced.model == tuned.model and spaced.out_dir == "runs/heldout_lstm_spaced"
 
 
+@pytest.mark.xdist_group("torchrun")  # one torchrun job at a time (tests/conftest.py)
 def test_two_processes_evaluate_like_one(data_dir, tmp_path, monkeypatch):
     """Under DDP every rank scores the whole held-out split with the same weights: the
     validation and test numbers of a 2-process run equal the 1-process ones."""

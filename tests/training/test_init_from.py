@@ -32,6 +32,10 @@ def train_command(capfd, *argv) -> tuple[int, str, str]:
     return done.value.code, out, err
 
 
+# One xdist worker runs this module, so its trained fixture is made once (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("test_init_from")
+
+
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, time_machine_path):
     """A finished 4-epoch tiny run on a copy of the Time Machine: (its folder, the text)."""

@@ -9,7 +9,7 @@ import torch
 import rnnlm.training.run
 from rnnlm.config import ConfigError, config_from_dict, load_config
 from rnnlm.models import MODEL_KINDS, build_model
-from rnnlm.models.base import LockedDropout
+from rnnlm.models.base import LockedDropout, drop, keep_mask
 from rnnlm.training.averaging import WeightAverage
 from rnnlm.training.best import EarlyStopping
 from rnnlm.training.run import train
@@ -217,7 +217,7 @@ def test_weight_dropout_drops_recurrent_weights_once_per_call(kind, layered):
     names = [n for n, _ in model.named_parameters() if "weight_hh" in n]
     assert len(names) == 2
     torch.manual_seed(5)
-    masked = {n: torch.nn.functional.dropout(model.get_parameter(n), 0.5) for n in names}
+    masked = {n: drop(model.get_parameter(n), 0.5) for n in names}
     twin = build_model(config_from_dict({}, [f"model.kind={kind}", "model.hidden_size=12",
                                              "model.num_layers=2"]).model, 9)
     twin.load_state_dict({**model.state_dict(), **masked})
@@ -232,14 +232,14 @@ def test_weight_dropout_drops_recurrent_weights_once_per_call(kind, layered):
 
 def test_locked_dropout_keeps_one_mask_per_lane_for_the_window():
     torch.manual_seed(0)
-    drop = LockedDropout(0.5)
-    y = drop(torch.ones(6, 4, 50))  # (T, B, D)
+    locked = LockedDropout(0.5)
+    y = locked(torch.ones(6, 4, 50))  # (T, B, D)
     assert torch.equal(y, y[:1].expand_as(y))  # every step has the first step's mask
     assert set(y.unique().tolist()) == {0.0, 2.0}  # dropped, or kept and scaled by 1/(1-p)
     assert not torch.equal(y[0, 0], y[0, 1])  # lanes draw their own masks
-    drop.eval()
+    locked.eval()
     x = torch.randn(6, 4, 50)
-    assert torch.equal(drop(x), x)
+    assert torch.equal(locked(x), x)
 
 
 def dropout_zero_patterns(kind, masks):
@@ -318,7 +318,7 @@ def test_locked_dropout_between_torch_nn_layers_is_one_mask_on_the_lower_output(
     logits, final = model(tokens, state)
 
     torch.manual_seed(11)
-    mask = torch.empty(1, 3, 10).bernoulli_(0.5) * 2.0
+    mask = keep_mask((1, 3, 10), 0.5, torch.ones(1))
     layers = [model.layer_class(model.input_size if k == 0 else 10, 10) for k in range(2)]
     x = model.one_hot(tokens.t())
     finals = []
