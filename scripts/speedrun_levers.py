@@ -10,7 +10,7 @@ weight average updated after every step, as a run does) on the training split fo
 batches after 3 warm-up batches, under the row's settings, and reports tokens/s as the median
 over rounds. Then, on the same machine, the two pieces measured alone: PyTorch's bernoulli_
 masks (what F.dropout draws) against base.keep_mask's, and the foreach AdamW step against the
-fused one, on the model's 3.3M weights.
+fused one, on the model's 3.3M weights (medians of 10).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from rnnlm.data.corpus import load_corpus
 from rnnlm.data.iterators import BatchIterator
 from rnnlm.models import build_model
 from rnnlm.models.base import keep_mask
+from rnnlm.tools.bench import _median_seconds
 from rnnlm.training.averaging import WeightAverage
 from rnnlm.training.epoch import train_epoch
 from rnnlm.training.run import make_optimizer, run_threads, seed_everything
@@ -72,29 +73,19 @@ def tokens_per_s(config: str, overrides: list[str], batches: int) -> float:
     return batches * cfg.data.batch_size * cfg.data.num_steps / seconds
 
 
-def best_ms(fn, reps: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
-
-
 def piece_costs() -> list[tuple[str, float, float]]:
     """(what, old ms, new ms), one thread."""
     torch.set_num_threads(1)
     x = torch.ones(1 << 20)
-    masks = (best_ms(lambda: torch.empty_like(x).bernoulli_(0.7)),
-             best_ms(lambda: keep_mask(x.shape, 0.3, x)))
+    masks = (1e3 * _median_seconds(lambda: torch.empty_like(x).bernoulli_(0.7), 10),
+             1e3 * _median_seconds(lambda: keep_mask(x.shape, 0.3, x), 10))
     cfg = load_config(NEW, [])
     model = build_model(cfg.model, 28, cfg.train)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     foreach = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     fused = make_optimizer(cfg, model)
-    steps = (best_ms(foreach.step), best_ms(fused.step))
+    steps = (1e3 * _median_seconds(foreach.step, 10), 1e3 * _median_seconds(fused.step, 10))
     return [("dropout mask of 2^20 elements: bernoulli_ / keep_mask", *masks),
             ("AdamW step on the model's weights: foreach / fused", *steps)]
 

@@ -53,7 +53,7 @@ class TorchRecurrentLM(LanguageModel):
                                     dropout=inner_dropout)
         # Between stacked layers where this model runs them one at a time: locked masks, the
         # C windows, and per-step masks in CPU training, where the layer's inner dropout
-        # draws its masks three to four times slower than `between` (base.keep_mask); each
+        # draws its masks about three times slower than `between` (base.keep_mask); each
         # layer's op is what the stacked layer calls per layer anyway on a CPU. On a GPU the
         # stacked call keeps cuDNN's own dropout and flat weights.
         self.between = self.make_dropout(dropout if num_layers > 1 else 0.0)
