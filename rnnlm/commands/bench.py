@@ -119,8 +119,8 @@ def add_speedrun_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override for every run, e.g. --set train.threads=1 (repeatable)")
     parser.add_argument("--keep", metavar="DIR",
                         help="keep the runs (out_dirs NAME-roundK and their stdout and stderr) "
-                             "in DIR, a new or empty folder (default: a temporary folder, "
-                             "deleted)")
+                             "in DIR, which must not hold runs of the same names (default: a "
+                             "temporary folder, deleted)")
     parser.add_argument("--write", metavar="FILE",
                         help="also write the report into this markdown file, in its speedrun "
                              "section (the rest of the file is kept)")

@@ -231,8 +231,8 @@ def speedrun(configs: list[str], target: float, rounds: int, sets: list[str],
         folders = [root / f"{r.name}-round{k + 1}" for k in range(rounds) for r in recipes]
         taken = [f for f in folders if f.exists()]
         if taken:
-            raise ConfigError(f"--keep {keep} already holds {taken[0].name}: give a new or "
-                              f"empty folder")
+            raise ConfigError(f"--keep {keep} already holds {taken[0].name}: give a folder "
+                              f"without earlier runs of these recipes")
         ensure_directory(root)
         timings = []
         order = round_order(recipes, rounds)
