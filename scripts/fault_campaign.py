@@ -582,17 +582,10 @@ def message_kind(line: str, path: str) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
-    return (f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, "
+    from rnnlm.tools.bench import cpu_name
+    return (f"{os.cpu_count()} CPUs ({cpu_name()}), {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 

@@ -79,3 +79,22 @@ def data_dir(tmp_path, time_machine_path) -> Path:
 def tiny_overrides(data_dir, tmp_path) -> list[str]:
     """--set overrides that point a config at the private data dir and a fresh out_dir."""
     return [f"data.data_dir={data_dir}", f"out_dir={tmp_path / 'run'}"]
+
+
+def spy_on_c_loops(monkeypatch, cells) -> list[str]:
+    """Record every call of the C window loops of `cells` ("rnn", "gru", "lstm"; forward and
+    backward, by entry-point name) and of the BLAS-backed library the whole-window loops
+    load ("window"), each still running; returns the list the names are appended to."""
+    from rnnlm.kernels import native
+
+    calls: list[str] = []
+    for cell in cells:
+        for way in ("forward", "backward"):
+            name = f"{cell}_{way}_loop"
+            original = getattr(native, name)
+            monkeypatch.setattr(native, name,
+                                lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    window_library = native.window_library
+    monkeypatch.setattr(native, "window_library",
+                        lambda: calls.append("window") or window_library())
+    return calls

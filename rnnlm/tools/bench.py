@@ -322,16 +322,19 @@ def generation_speed(num_chars: int, device: str, repeats: int = GEN_REPEATS) ->
             else None}
 
 
-def machine_line(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, " \
+    return platform.processor() or platform.machine()
+
+
+def machine_line(device: str) -> str:
+    text = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
            f"{torch.get_num_threads()} intra-op threads"
     if device.startswith("cuda") and torch.cuda.is_available():
         text += f", GPU {torch.cuda.get_device_name()}"

@@ -14,6 +14,7 @@ from rnnlm.config import ConfigError, load_config
 from rnnlm.config.checks import check_cell_kernel
 from rnnlm.kernels import native
 from rnnlm.models import build_model
+from tests.conftest import spy_on_c_loops
 
 needs_native = pytest.mark.skipif(not native.available(),
                                   reason=f"C kernels unavailable: "
@@ -151,15 +152,7 @@ def test_model_gradients_match_tensor_ops(kind, weight_dropout, monkeypatch):
     cell = kind.split("_")[0]
     if cell == "rnn" and not native.windows_available():
         pytest.skip("the scratch RNN's C loop needs torch's MKL")
-    calls = []
-    for way in ("forward", "backward"):
-        name = f"{cell}_{way}_loop"
-        original = getattr(native, name)
-        monkeypatch.setattr(native, name,
-                            lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
-    window_library = native.window_library
-    monkeypatch.setattr(native, "window_library",
-                        lambda: calls.append("window") or window_library())
+    calls = spy_on_c_loops(monkeypatch, [cell])
     _assert_kernels_agree(kind, weight_dropout)
     expected = [f"{cell}_backward_loop", f"{cell}_forward_loop"]
     if native.windows_available():

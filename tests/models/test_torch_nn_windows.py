@@ -19,7 +19,7 @@ from rnnlm.kernels import native
 from rnnlm.models import build_model
 from rnnlm.models.scratch import LayerWeights
 from rnnlm.models.torch_nn import TorchLSTM
-from tests.conftest import ROOT
+from tests.conftest import ROOT, spy_on_c_loops
 
 needs_windows = pytest.mark.skipif(not native.windows_available(),
                                    reason=f"C window loops unavailable: "
@@ -75,18 +75,8 @@ def assert_same_results(a, b, grad_tol=1e-5):
 @pytest.fixture
 def c_calls(monkeypatch):
     """The names of the C entry points called (each window loop and the BLAS-backed library
-    the whole-window loops need), as tests/kernels/test_native.py records them."""
-    calls = []
-    for cell in KINDS:
-        for way in ("forward", "backward"):
-            name = f"{cell}_{way}_loop"
-            original = getattr(native, name)
-            monkeypatch.setattr(native, name,
-                                lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
-    window_library = native.window_library
-    monkeypatch.setattr(native, "window_library",
-                        lambda: calls.append("window") or window_library())
-    return calls
+    the whole-window loops need)."""
+    return spy_on_c_loops(monkeypatch, KINDS)
 
 
 def layer_calls(model) -> list:
