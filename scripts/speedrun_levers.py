@@ -27,7 +27,7 @@ from rnnlm.data.corpus import load_corpus
 from rnnlm.data.iterators import BatchIterator
 from rnnlm.models import build_model
 from rnnlm.models.base import keep_mask
-from rnnlm.tools.bench import _median_seconds
+from rnnlm.tools.bench import median_seconds
 from rnnlm.training.averaging import WeightAverage
 from rnnlm.training.epoch import train_epoch
 from rnnlm.training.run import make_optimizer, run_threads, seed_everything
@@ -77,15 +77,15 @@ def piece_costs() -> list[tuple[str, float, float]]:
     """(what, old ms, new ms), one thread."""
     torch.set_num_threads(1)
     x = torch.ones(1 << 20)
-    masks = (1e3 * _median_seconds(lambda: torch.empty_like(x).bernoulli_(0.7), 10),
-             1e3 * _median_seconds(lambda: keep_mask(x.shape, 0.3, x), 10))
+    masks = (1e3 * median_seconds(lambda: torch.empty_like(x).bernoulli_(0.7), 10),
+             1e3 * median_seconds(lambda: keep_mask(x.shape, 0.3, x), 10))
     cfg = load_config(NEW, [])
     model = build_model(cfg.model, 28, cfg.train)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     foreach = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     fused = make_optimizer(cfg, model)
-    steps = (1e3 * _median_seconds(foreach.step, 10), 1e3 * _median_seconds(fused.step, 10))
+    steps = (1e3 * median_seconds(foreach.step, 10), 1e3 * median_seconds(fused.step, 10))
     return [("dropout mask of 2^20 elements: bernoulli_ / keep_mask", *masks),
             ("AdamW step on the model's weights: foreach / fused", *steps)]
 

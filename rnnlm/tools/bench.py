@@ -58,7 +58,7 @@ def flops_per_token(kind: str, hidden: int, layers: int, vocab: int, inputs: int
     return 3.0 * fwd
 
 
-def _median_seconds(fn, reps: int) -> float:
+def median_seconds(fn, reps: int) -> float:
     fn()
     times = []
     for _ in range(reps):
@@ -138,7 +138,7 @@ def matmul_roofline(kind: str, hidden: int, layers: int, vocab: int, batch: int,
         return lambda: list(pool.map(lambda ops: way(*ops), per_shard))
 
     try:
-        seconds = min(_median_seconds(one_batch(way), reps) for way in ways)
+        seconds = min(median_seconds(one_batch(way), reps) for way in ways)
     finally:
         if pool is not None:
             pool.shutdown()

@@ -159,10 +159,10 @@ def run_one(config: str, overrides: list[str], timeout: float | None,
     try:
         _, stderr = child.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _stop(child, terminate=True)  # SIGTERM: the run saves last.pt, which --resume continues
+        stop_child(child, terminate=True)  # SIGTERM: the run saves last.pt; --resume continues
         return f"timed out after {timeout:.0f} s"
     except KeyboardInterrupt:
-        _stop(child, terminate=False)  # the child got the Ctrl-C too and is saving last.pt
+        stop_child(child, terminate=False)  # the child got the Ctrl-C too and is saving last.pt
         raise
     if child.returncode != 0:
         lines = [x for x in stderr.strip().splitlines() if x.strip()]
@@ -173,7 +173,7 @@ def run_one(config: str, overrides: list[str], timeout: float | None,
 STOP_GRACE_S = 120  # for a stopped run to finish its batch and write last.pt
 
 
-def _stop(child: subprocess.Popen, terminate: bool) -> None:
+def stop_child(child: subprocess.Popen, terminate: bool) -> None:
     """Let a stopped training run save itself (the trainer finishes the batch on SIGINT or
     SIGTERM), killed only when it takes longer than STOP_GRACE_S or on a second Ctrl-C."""
     try:

@@ -35,7 +35,7 @@ from rnnlm.data.corpus import load_corpus
 from rnnlm.files import ensure_directory
 from rnnlm.models import MODEL_KINDS
 from rnnlm.tools.bench import flops_per_token, machine_line, median_or_none, write_section
-from rnnlm.tools.compare import _stop
+from rnnlm.tools.compare import stop_child
 
 # The folder that holds this rnnlm package: the child runs `python -m rnnlm train` with it on
 # its path, so it times this very code, from a checkout or from an installed package.
@@ -156,7 +156,7 @@ def time_run(recipe: Recipe, round_no: int, out_dir: Path, sets: list[str], targ
                 if exited:
                     break
         except KeyboardInterrupt:
-            _stop(child, terminate=False)  # it got the Ctrl-C too and is saving last.pt
+            stop_child(child, terminate=False)  # it got the Ctrl-C too and is saving last.pt
             raise
     timing.wall_s, timing.stamped = now, tail.stamped
     for key, value in summarise(tail.stamped, target).items():
