@@ -93,7 +93,8 @@ def spy_on_c_loops(monkeypatch, cells) -> list[str]:
             name = f"{cell}_{way}_loop"
             original = getattr(native, name)
             monkeypatch.setattr(native, name,
-                                lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+                                lambda *a, _f=original, _n=name, **k:
+                                calls.append(_n) or _f(*a, **k))
     window_library = native.window_library
     monkeypatch.setattr(native, "window_library",
                         lambda: calls.append("window") or window_library())

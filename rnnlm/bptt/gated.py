@@ -156,10 +156,13 @@ class LSTMWindow(torch.autograd.Function):
     (hs (T,B,H), c_T)."""
 
     @staticmethod
-    def forward(ctx, xw, h0, c0, W_hh, xi, cell_kernel):
+    def forward(ctx, xw, h0, c0, W_hh, xi, cell_kernel, bf16=False):
         ctx.native = native.usable_for(cell_kernel, xw, xi)
-        loop = native.lstm_forward_loop if ctx.native else _lstm_forward_loop
-        hbuf, cbuf, acts, tanh_c = loop(xw, h0, c0, W_hh)
+        ctx.bf16 = bf16 and ctx.native
+        if ctx.native:
+            hbuf, cbuf, acts, tanh_c = native.lstm_forward_loop(xw, h0, c0, W_hh, bf16=ctx.bf16)
+        else:
+            hbuf, cbuf, acts, tanh_c = _lstm_forward_loop(xw, h0, c0, W_hh)
         ctx.save_for_backward(hbuf, cbuf, acts, tanh_c, W_hh,
                               *(() if xi is None else (_check_xi(xi, xw),)))
         ctx.has_xi = xi is not None
@@ -174,15 +177,15 @@ class LSTMWindow(torch.autograd.Function):
         H = G // 4
         dc = dcT.clone() if dcT is not None else hbuf.new_zeros((B, H))
         if ctx.native:
-            dgates, dc = native.lstm_backward_loop(dhs, dc, hbuf, cbuf, acts, tanh_c,
-                                                         W_hh)
+            dgates, dc = native.lstm_backward_loop(dhs, dc, hbuf, cbuf, acts, tanh_c, W_hh,
+                                                   bf16=ctx.bf16)
         else:
             dgates, dc = _lstm_backward_loop(dhs, dc, hbuf, cbuf, acts, tanh_c, W_hh, xi)
         dh0 = dgates[0] @ W_hh
         if xi is not None:
             dh0.mul_(xi[0])
-        dW = dgates.reshape(T * B, G).t() @ hbuf[:-1].reshape(T * B, H)
-        return dgates, dh0, dc, dW, None, None
+        dW = native.window_outer_sum(dgates, hbuf[:-1], ctx.bf16)
+        return dgates, dh0, dc, dW, None, None, None
 
 
 class GRUWindow(torch.autograd.Function):
@@ -190,10 +193,13 @@ class GRUWindow(torch.autograd.Function):
     hs (T,B,H)."""
 
     @staticmethod
-    def forward(ctx, xw, h0, W_hh, b_hh, xi, cell_kernel):
+    def forward(ctx, xw, h0, W_hh, b_hh, xi, cell_kernel, bf16=False):
         ctx.native = native.usable_for(cell_kernel, xw, xi)
-        loop = native.gru_forward_loop if ctx.native else _gru_forward_loop
-        hbuf, gh, rz, n = loop(xw, h0, W_hh, b_hh)
+        ctx.bf16 = bf16 and ctx.native
+        if ctx.native:
+            hbuf, gh, rz, n = native.gru_forward_loop(xw, h0, W_hh, b_hh, bf16=ctx.bf16)
+        else:
+            hbuf, gh, rz, n = _gru_forward_loop(xw, h0, W_hh, b_hh)
         ctx.save_for_backward(hbuf, gh, rz, n, W_hh,
                               *(() if xi is None else (_check_xi(xi, xw),)))
         ctx.has_xi = xi is not None
@@ -208,14 +214,15 @@ class GRUWindow(torch.autograd.Function):
         H = G // 3
         z = rz[..., H:]
         if ctx.native:
-            dxw, dgh, dh_all = native.gru_backward_loop(dhs, hbuf, gh, rz, n, W_hh)
+            dxw, dgh, dh_all = native.gru_backward_loop(dhs, hbuf, gh, rz, n, W_hh,
+                                                        bf16=ctx.bf16)
         else:
             dxw, dgh, dh_all = _gru_backward_window(dhs, hbuf, gh, rz, n, W_hh, xi)
         dh0 = torch.addcmul(dgh[0] @ W_hh, z[0], dh_all[0])
         if xi is not None:
             dh0.mul_(xi[0])
-        dW = dgh.reshape(T * B, G).t() @ hbuf[:-1].reshape(T * B, H)
-        return dxw, dh0, dW, dgh.sum(dim=(0, 1)), None, None
+        dW = native.window_outer_sum(dgh, hbuf[:-1], ctx.bf16)
+        return dxw, dh0, dW, dgh.sum(dim=(0, 1)), None, None, None
 
 
 def _gru_backward_window(dhs, hbuf, gh, rz, n, W_hh, xi):
@@ -236,10 +243,15 @@ def _gru_backward_window(dhs, hbuf, gh, rz, n, W_hh, xi):
 
 def lstm_window(xw, h0, c0, W_hh, xi=None, cell_kernel="auto"):
     """All hidden states (T, B, H) and the final cell state of one LSTM layer.
-    cell_kernel: model.cell_kernel (auto | c | torch), see native.usable_for."""
-    return LSTMWindow.apply(xw, h0, c0, W_hh, xi, cell_kernel)
+    cell_kernel: model.cell_kernel (auto | c | torch), see native.usable_for; bf16 autocast
+    as for rnn.manual_rnn_window."""
+    bf16 = native.bf16_products(xw)
+    with native.float32_window(xw) as xw:
+        return LSTMWindow.apply(xw, h0, c0, W_hh, xi, cell_kernel, bf16)
 
 
 def gru_window(xw, h0, W_hh, b_hh, xi=None, cell_kernel="auto"):
     """All hidden states (T, B, H) of one GRU layer (cell_kernel as for lstm_window)."""
-    return GRUWindow.apply(xw, h0, W_hh, b_hh, xi, cell_kernel)
+    bf16 = native.bf16_products(xw)
+    with native.float32_window(xw) as xw:
+        return GRUWindow.apply(xw, h0, W_hh, b_hh, xi, cell_kernel, bf16)

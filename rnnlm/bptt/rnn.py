@@ -118,14 +118,18 @@ class ManualRNNWindow(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xw, h0, W_hh, activation: str, xi, cell_kernel: str = "auto"):
+    def forward(ctx, xw, h0, W_hh, activation: str, xi, cell_kernel: str = "auto",
+                bf16: bool = False):
         xi = _check_window(xw, h0, W_hh, activation, xi)
         tanh = activation == "tanh"
         # The loop in C (BLAS called from C, native.py) where it can run; it takes the
         # same steps in the same order, so the results agree to float32 rounding.
         ctx.native = native.usable_for(cell_kernel, xw, xi, whole_windows=True)
-        loop = native.rnn_forward_loop if ctx.native else _rnn_forward_loop
-        buf = loop(xw, h0, W_hh, tanh)
+        ctx.bf16 = bf16 and ctx.native
+        if ctx.native:
+            buf = native.rnn_forward_loop(xw, h0, W_hh, tanh, ctx.bf16)
+        else:
+            buf = _rnn_forward_loop(xw, h0, W_hh, tanh)
         ctx.tanh = tanh
         ctx.has_xi = xi is not None
         # h_t (not a_t) is enough: tanh'(a_t) = 1 - h_t^2 and identity' = 1.
@@ -145,7 +149,7 @@ class ManualRNNWindow(torch.autograd.Function):
         tanh = ctx.tanh
 
         if ctx.native:
-            dA = native.rnn_backward_loop(buf, dhs, W_hh, tanh)
+            dA = native.rnn_backward_loop(buf, dhs, W_hh, tanh, ctx.bf16)
         else:
             dA = _rnn_backward_loop(buf, dhs, W_hh, tanh, xi)
 
@@ -154,19 +158,21 @@ class ManualRNNWindow(torch.autograd.Function):
             dh0 = dA[0] @ W_hh
             if xi is not None:
                 dh0.mul_(xi[0])
-        dW = None
-        if need_w:
-            # sum_t da_t^T h_{t-1} as ONE (H, T*B) @ (T*B, H) GEMM: far faster than T small ones.
-            dW = dA.reshape(T * B, H).t() @ buf[:-1].reshape(T * B, H)
-        return (dA if need_xw else None), dh0, dW, None, None, None
+        # sum_t da_t^T h_{t-1} as ONE (H, T*B) @ (T*B, H) GEMM: far faster than T small ones.
+        dW = native.window_outer_sum(dA, buf[:-1], ctx.bf16) if need_w else None
+        return (dA if need_xw else None), dh0, dW, None, None, None, None
 
 
 def manual_rnn_window(xw: torch.Tensor, h0: torch.Tensor, W_hh: torch.Tensor,
                       activation: str = "tanh", xi: torch.Tensor | None = None,
                       cell_kernel: str = "auto") -> torch.Tensor:
     """All hidden states (T, B, H) of one window, with the hand-written BPTT backward.
-    cell_kernel: model.cell_kernel (auto | c | torch), see native.usable_for."""
-    return ManualRNNWindow.apply(xw, h0, W_hh, activation, xi, cell_kernel)
+    cell_kernel: model.cell_kernel (auto | c | torch), see native.usable_for. Under bf16
+    autocast the window computes in float32, its recurrent products in bf16 where the C
+    windows run (native.bf16_products)."""
+    bf16 = native.bf16_products(xw)
+    with native.float32_window(xw) as xw:
+        return ManualRNNWindow.apply(xw, h0, W_hh, activation, xi, cell_kernel, bf16)
 
 
 class _ScaleGrad(torch.autograd.Function):

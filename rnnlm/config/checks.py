@@ -64,22 +64,38 @@ def shards_allowed(cfg: Config, shards: int) -> bool:
     return True
 
 
-def c_kernel_blockers(cfg: Config) -> list[str]:
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    """train.precision as a run on `device` computes: auto is bf16 on a CPU that multiplies
+    bf16 natively (AVX-512 BF16 or AMX, native.cpu_multiplies_bf16) for a kind that offers
+    bf16 (supports.bf16), else fp32 (on a GPU the fp32 step is captured as CUDA graphs)."""
+    precision = cfg.train.precision
+    if precision != "auto":
+        return precision
+    fast = device.type == "cpu" and native.cpu_multiplies_bf16()
+    return "bf16" if fast and model_class(cfg).supports.bf16 else "fp32"
+
+
+def c_kernel_blockers(cfg: Config, device: torch.device | None = None) -> list[str]:
     """The settings that keep a training window off the C kernels (which run the
-    hand-written fp32, eager backward, without randomized truncation)."""
+    hand-written eager backward, without randomized truncation; under bf16 with bf16
+    products, for the kinds that declare supports.c_windows_bf16). `device` resolves
+    train.precision: auto (without it, auto counts as fp32)."""
     m, t = cfg.model, cfg.train
+    precision = resolve_precision(cfg, device) if device is not None else \
+        t.precision.replace("auto", "fp32")
     return [setting for setting, blocks in (
         ("model.backward=autograd", m.backward == "autograd"),
-        (f"train.precision={t.precision}", t.precision != "fp32"),
+        (f"train.precision={t.precision}",
+         precision == "bf16" and not model_class(cfg).supports.c_windows_bf16),
         ("train.compile", t.compile),
         ("train.truncation=randomized", t.truncation == "randomized")) if blocks]
 
 
-def cell_kernel_applies(cfg: Config) -> bool:
+def cell_kernel_applies(cfg: Config, device: torch.device | None = None) -> bool:
     """Whether the training windows of this config can use model.cell_kernel's C kernels:
     a kind that declares C windows (supports.c_windows) and none of c_kernel_blockers (the
     device is checked once known, check_run)."""
-    return model_class(cfg).supports.c_windows and not c_kernel_blockers(cfg)
+    return model_class(cfg).supports.c_windows and not c_kernel_blockers(cfg, device)
 
 
 def c_kernels_unavailable(cfg: Config) -> str | None:
@@ -90,7 +106,7 @@ def c_kernels_unavailable(cfg: Config) -> str | None:
 
 def uses_c_kernels(cfg: Config, device: torch.device) -> bool:
     """Whether this config's training windows will run the C kernels on `device`."""
-    return (cfg.model.cell_kernel != "torch" and cell_kernel_applies(cfg)
+    return (cfg.model.cell_kernel != "torch" and cell_kernel_applies(cfg, device)
             and device.type == "cpu" and c_kernels_unavailable(cfg) is None)
 
 
@@ -141,18 +157,17 @@ def _check_model(cfg: Config) -> None:
     _require(m.backward == "auto" or supports.manual_backward,
              f"model.backward: {m.backward} is offered for "
              f"{kinds_that(lambda c: c.supports.manual_backward)} only (a hand-written "
-             f"backward or autograd, step by step); {m.kind} {own_backward} (leave "
+             f"backward or autograd); {m.kind} {own_backward} (leave "
              f"model.backward: auto)")
-    _require(m.backward != "manual" or (t.precision == "fp32" and not t.compile),
-             "model.backward: manual is the fp32, eager hand-written backward; with "
-             f"train.precision={t.precision} and train.compile={str(t.compile).lower()} use "
-             "model.backward=auto (autograd)")
+    _require(m.backward != "manual" or not t.compile,
+             "model.backward: manual is the eager hand-written backward; with "
+             "train.compile=true use model.backward=auto (autograd)")
     _require(m.cell_kernel == "auto" or supports.c_windows,
              f"model.cell_kernel: {m.cell_kernel} is offered for "
              f"{kinds_that(lambda c: c.supports.c_windows)} only (C window loops); leave "
              f"model.cell_kernel: auto for {m.kind}")
     _require(m.cell_kernel != "c" or cell_kernel_applies(cfg),
-             "model.cell_kernel: c is a kernel of the hand-written fp32 eager backward without "
+             "model.cell_kernel: c is a kernel of the hand-written eager backward without "
              f"randomized truncation; with {' and '.join(c_kernel_blockers(cfg))} use "
              "model.cell_kernel=auto")
     _require(m.cell_kernel != "c" or cfg.device in ("auto", "cpu"),
@@ -169,8 +184,12 @@ def _check_model(cfg: Config) -> None:
              f"model.output_dropout must be in [0, 1), got {m.output_dropout}")
     _require(0.0 <= m.weight_dropout < 1.0,
              f"model.weight_dropout must be in [0, 1), got {m.weight_dropout}")
-    _require(t.precision == "fp32" or supports.bf16,
-             f"train.precision: {t.precision} is not offered for {m.kind}: use fp32")
+    _require(m.weight_dropout == 0.0 or supports.weight_dropout,
+             f"model.weight_dropout (DropConnect on W_hh) is offered for "
+             f"{kinds_that(lambda c: c.supports.weight_dropout)} only; {m.kind}'s recurrence is "
+             f"diagonal, with no W_hh matrix to drop: set model.weight_dropout=0")
+    _require(t.precision != "bf16" or supports.bf16,
+             f"train.precision: bf16 is not offered for {m.kind}: use fp32 or auto")
     _require(not t.compile or supports.compile,
              f"train.compile is not offered for {m.kind}: set train.compile=false")
 
@@ -320,7 +339,12 @@ def check_cell_kernel(cfg: Config, device: torch.device) -> None:
     C kernels). A kind without per-step C kernels (supports.c_steps) needs the whole-window
     loops."""
     kernel = cfg.model.cell_kernel
-    if kernel == "torch" or not cell_kernel_applies(cfg):
+    if kernel == "torch" or not cell_kernel_applies(cfg, device):
+        if kernel == "c" and model_class(cfg).supports.c_windows:
+            raise ConfigError("model.cell_kernel: c is a kernel of the hand-written eager "
+                              "backward without randomized truncation; with "
+                              f"{' and '.join(c_kernel_blockers(cfg, device))} use "
+                              "model.cell_kernel=auto")
         return
     if kernel == "c" and device.type != "cpu":
         raise ConfigError(f"model.cell_kernel: c runs on the CPU, this run is on {device.type}: "
@@ -341,7 +365,7 @@ def check_run(cfg: Config, device: torch.device, shards: int) -> None:
         raise ConfigError(f"train.batch_shards: {shards} splits batches "
                           f"across CPU cores; on {device.type} use 1 or auto")
     if device.type == "cuda" and cfg.train.cuda_graphs and \
-            (cfg.train.precision != "fp32" or cfg.train.compile):
+            (resolve_precision(cfg, device) != "fp32" or cfg.train.compile):
         raise ConfigError("train.cuda_graphs captures the fp32 eager step; with "
                           f"train.precision={cfg.train.precision} or train.compile=true set "
                           "train.cuda_graphs=false")

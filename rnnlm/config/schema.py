@@ -40,11 +40,16 @@ class ModelConfig:
     kind: str = "rnn_scratch"
     hidden_size: int = 512
     num_layers: int = 1
-    dropout: float = 0.0  # between stacked layers, as torch.nn does
+    # between stacked layers, as torch.nn does; lru, mingru, minlstm: on every block's
+    # residual branches (rnnlm/models/linear_recurrent.py)
+    dropout: float = 0.0
     embedding_dim: int | None = None  # None: one-hot input (D2L); an int: a learned embedding
-    # Scratch models only: "manual" runs each layer's window with the hand-written BPTT
+    # Scratch models: "manual" runs each layer's window with the hand-written BPTT
     # backward (rnnlm/bptt/rnn.py, gated.py; same numbers, far fewer ops), "autograd" step by step.
     # "auto" is manual for the scratch kinds, except under bf16 or train.compile (autograd).
+    # lru, mingru, minlstm run each window as a parallel scan (rnnlm/bptt/scan.py): "manual"
+    # (auto) with its hand-written backward, "autograd" differentiating the scan (minGRU and
+    # minLSTM: the papers' log-space scan).
     # The torch.nn kinds take only "auto": they run the same hand-written backward exactly
     # where they run the C windows, else their layer's own backward (model.cell_kernel).
     backward: Literal["auto", "manual", "autograd"] = "auto"
@@ -63,7 +68,9 @@ class ModelConfig:
     cell_kernel: Literal["auto", "c", "torch"] = "auto"
     input_dropout: float = 0.0  # on the embeddings (needs embedding_dim)
     output_dropout: float = 0.0  # on the last layer's outputs, before the output layer
-    weight_dropout: float = 0.0  # DropConnect on the hidden-to-hidden weights, per batch
+    # DropConnect on the hidden-to-hidden weights, per batch (not for the diagonal
+    # recurrences of lru, mingru, minlstm)
+    weight_dropout: float = 0.0
     # How input_dropout, dropout (between layers) and output_dropout draw their masks:
     # per_step, a fresh mask for every time step; locked, one mask per lane for the whole
     # window (variational dropout, as AWD-LSTM does)
@@ -88,9 +95,12 @@ class TrainConfig:
     # On CUDA, replay each batch's forward and backward from captured CUDA graphs.
     cuda_graphs: bool = True
     # fp32, or bf16 autocast of the training forward pass (matmuls in bfloat16, the loss, the
-    # carried state, the weights and evaluation in fp32). Fast only where the hardware has
-    # bf16 matmul units (CPU AMX, GPU tensor cores). The scratch models then use autograd.
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # carried state, the weights and evaluation in fp32): on a CPU the hand-written windows
+    # keep their C loops with bf16 recurrent products (nn.LSTM runs its own fused layer),
+    # elsewhere the scratch models use autograd. Fast only where the hardware has bf16
+    # matmul units (CPU AVX-512 BF16 or AMX, GPU tensor cores). auto: bf16 on a CPU with
+    # them, fp32 elsewhere (the book presets).
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     # torch.compile the model for training (evaluation and sampling stay eager). With it
     # the scratch models use autograd: compile fuses that graph, the hand-written backward
     # is opaque to it. The first batches pay the compilation (tens of seconds).

@@ -29,6 +29,7 @@ which has no elementwise kernel of its own, then keeps its TorchScript loop.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -108,15 +109,16 @@ def _load() -> ctypes.CDLL | str:
     # that many buffer pointers, then T, B, H (and the RNN's tanh flag)
     for name, buffers, sizes in (("lstm_forward_step", 5, 2), ("lstm_backward_step", 6, 2),
                                  ("gru_forward_step", 6, 2), ("gru_backward_step", 9, 2),
-                                 ("lstm_forward_window", 5, 3), ("lstm_backward_window", 7, 3),
-                                 ("gru_forward_window", 6, 3), ("gru_backward_window", 8, 3),
-                                 ("rnn_forward_window", 2, 4), ("rnn_backward_window", 3, 4)):
+                                 ("lstm_forward_window", 6, 3), ("lstm_backward_window", 8, 3),
+                                 ("gru_forward_window", 7, 3), ("gru_backward_window", 9, 3),
+                                 ("rnn_forward_window", 3, 4), ("rnn_backward_window", 4, 4)):
         function = getattr(lib, name)
         function.argtypes = [ctypes.c_void_p] * buffers + [ctypes.c_int64] * sizes
         function.restype = None
-    lib.recurrent_products.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
+    lib.recurrent_products.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 4
     lib.recurrent_products.restype = None
     lib.set_blas.argtypes = [ctypes.c_void_p] * 4
+    lib.set_blas_bf16.argtypes = [ctypes.c_void_p]
     lib.packed_size.argtypes = [ctypes.c_int] * 3
     lib.packed_size.restype = ctypes.c_size_t
     lib.pack_transposed_rhs.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3
@@ -126,6 +128,8 @@ def _load() -> ctypes.CDLL | str:
 # The MKL entry points the window loops call (cells.c, "Whole windows in C"): PyTorch's
 # x86-64 Linux builds link MKL statically into libtorch_cpu and export these symbols.
 BLAS_SYMBOLS = ("sgemm_", "cblas_sgemm_pack_get_size", "cblas_sgemm_pack", "cblas_sgemm_compute")
+#: and the one for bf16 products (train.precision: bf16), in MKL since 2020
+BF16_SYMBOL = "gemm_bf16bf16f32"
 
 
 def torch_library() -> Path:
@@ -156,7 +160,33 @@ def _find_blas() -> bool | str:
     except (OSError, AttributeError) as e:
         return f"no MKL sgemm in this PyTorch build ({e})"
     lib.set_blas(*addresses)
+    global _BF16_PRODUCTS
+    bf16 = getattr(torch_lib, BF16_SYMBOL, None)
+    if bf16 is not None:
+        lib.set_blas_bf16(ctypes.cast(bf16, ctypes.c_void_p))
+    _BF16_PRODUCTS = bf16 is not None
     return True
+
+
+_BF16_PRODUCTS = False  # set by _find_blas: MKL's bf16 GEMM was found
+
+
+@functools.cache
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU has bf16 matmul instructions (AVX-512 BF16 or AMX tiles), where bf16
+    products beat float32 ones; elsewhere MKL and oneDNN emulate them, slower than fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def bf16_products(like: torch.Tensor) -> bool:
+    """Whether a window's recurrent products run in bf16: under bf16 autocast on a CPU
+    (train.precision: bf16), where the C windows found MKL's bf16 GEMM. The products take
+    bf16 operands and accumulate in float32, as autocast's matmuls do; the state, the
+    cells and the sums stay float32."""
+    return (like.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and windows_available() and _BF16_PRODUCTS)
 
 
 def window_unavailable_reason() -> str | None:
@@ -189,6 +219,51 @@ def _packed_transpose(W: torch.Tensor, rows: int) -> torch.Tensor:
     packed = torch.empty(lib.packed_size(rows, k, n), dtype=torch.uint8)
     lib.pack_transposed_rhs(_ptr(W), _ptr(packed), rows, k, n)
     return packed
+
+
+@contextlib.contextmanager
+def float32_window(xw: torch.Tensor):
+    """A hand-written window under bf16 autocast: autocast off inside it and its input
+    projection back in float32 (what `with ... as xw` gives), so the window computes in
+    float32 like the rest of the state; its recurrent products alone may run in bf16, which
+    the caller asks bf16_products before entering (autocast is off inside)."""
+    with torch.autocast(xw.device.type, enabled=False):
+        yield xw.float() if xw.dtype in (torch.bfloat16, torch.float16) else xw
+
+
+def window_outer_sum(d: torch.Tensor, h: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+    """sum_t d_t^T h_t over a window's steps (T, B, G) and (T, B, H): a weight gradient
+    (G, H) as one GEMM, far faster than T small ones; bf16: with bf16 operands (2.6x faster
+    for the scratch RNN's (512, 1120) x (1120, 512) on two cores), as autocast computes the
+    weight gradients of its own matmuls."""
+    T, B, G = d.shape
+    d, h = d.reshape(T * B, G), h.reshape(T * B, -1)
+    if bf16:
+        return (d.to(torch.bfloat16).t() @ h.to(torch.bfloat16)).float()
+    return d.t() @ h
+
+
+def _forward_rhs(W: torch.Tensor, rows: int,
+                 bf16: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The forward products' right-hand side W^T for W (n, k), and the bf16 buffer for their
+    left-hand side (None: float32, packed): both must outlive the C call."""
+    if not bf16:
+        return _packed_transpose(W, rows), None
+    return W.t().contiguous().to(torch.bfloat16), W.new_empty(rows * W.shape[1],
+                                                              dtype=torch.bfloat16)
+
+
+def _backward_rhs(W: torch.Tensor, rows: int,
+                  bf16: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The backward products' right-hand side W (n, k) as is, and the bf16 left-hand buffer."""
+    if not bf16:
+        return W.contiguous(), None
+    return W.contiguous().to(torch.bfloat16), W.new_empty(rows * W.shape[0],
+                                                          dtype=torch.bfloat16)
+
+
+def _optional_ptr(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
 
 
 def forget() -> None:
@@ -234,9 +309,11 @@ def _whole(whole_window: bool | None) -> bool:
 
 
 def lstm_forward_loop(xw: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
-                      W_hh: torch.Tensor, whole_window: bool | None = None):
+                      W_hh: torch.Tensor, whole_window: bool | None = None,
+                      bf16: bool = False):
     """As gated._lstm_forward_loop: [h0..hT], [c0..cT], gate activations, tanh(c_t).
-    whole_window: the loop in C (default where windows_available()) or in Python."""
+    whole_window: the loop in C (default where windows_available()) or in Python; bf16: its
+    recurrent products in bf16 (bf16_products; whole windows only)."""
     T, B, G = xw.shape
     H = G // 4
     hbuf, cbuf = xw.new_empty((T + 1, B, H)), xw.new_empty((T + 1, B, H))
@@ -246,9 +323,9 @@ def lstm_forward_loop(xw: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
     hbuf[0].copy_(h0)
     cbuf[0].copy_(c0)
     if _whole(whole_window):
-        packed = _packed_transpose(W_hh, B)  # referenced here: it must outlive the call
-        window_library().lstm_forward_window(_ptr(packed), _ptr(acts), _ptr(hbuf),
-                                             _ptr(cbuf), _ptr(tanh_c), T, B, H)
+        rhs, lhs = _forward_rhs(W_hh, B, bf16)  # referenced here: they outlive the call
+        window_library().lstm_forward_window(_ptr(rhs), _optional_ptr(lhs), _ptr(acts),
+                                             _ptr(hbuf), _ptr(cbuf), _ptr(tanh_c), T, B, H)
         return hbuf, cbuf, acts, tanh_c
     W_t = W_hh.t().contiguous()
     step = library().lstm_forward_step
@@ -263,7 +340,8 @@ def lstm_forward_loop(xw: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
 
 def lstm_backward_loop(dhs: torch.Tensor, dc: torch.Tensor, hbuf: torch.Tensor,
                        cbuf: torch.Tensor, acts: torch.Tensor, tanh_c: torch.Tensor,
-                       W_hh: torch.Tensor, whole_window: bool | None = None):
+                       W_hh: torch.Tensor, whole_window: bool | None = None,
+                       bf16: bool = False):
     """As gated._lstm_backward_loop without xi: d gates (T, B, 4H) and dL/dc_0."""
     T, B, G = acts.shape
     H = G // 4
@@ -271,9 +349,10 @@ def lstm_backward_loop(dhs: torch.Tensor, dc: torch.Tensor, hbuf: torch.Tensor,
     dgates = torch.empty_like(acts)
     dh = dhs.clone(memory_format=torch.contiguous_format)  # dhs_t, then += dgates_{t+1} W_hh
     if _whole(whole_window):
-        W_hh = W_hh.contiguous()
-        window_library().lstm_backward_window(_ptr(W_hh), _ptr(dh), _ptr(dc), _ptr(acts),
-                                              _ptr(cbuf), _ptr(tanh_c), _ptr(dgates), T, B, H)
+        rhs, lhs = _backward_rhs(W_hh, B, bf16)
+        window_library().lstm_backward_window(_ptr(rhs), _optional_ptr(lhs), _ptr(dh),
+                                              _ptr(dc), _ptr(acts), _ptr(cbuf), _ptr(tanh_c),
+                                              _ptr(dgates), T, B, H)
         return dgates, dc
     step = library().lstm_backward_step
     dgs, dh_l = dgates.unbind(0), dh.unbind(0)
@@ -288,8 +367,10 @@ def lstm_backward_loop(dhs: torch.Tensor, dc: torch.Tensor, hbuf: torch.Tensor,
 
 
 def gru_forward_loop(xw: torch.Tensor, h0: torch.Tensor, W_hh: torch.Tensor,
-                     b_hh: torch.Tensor, whole_window: bool | None = None):
-    """As gated._gru_forward_loop: [h0..hT], W_hh h_{t-1} + b_hh, r|z, n."""
+                     b_hh: torch.Tensor, whole_window: bool | None = None,
+                     bf16: bool = False):
+    """As gated._gru_forward_loop: [h0..hT], W_hh h_{t-1} + b_hh, r|z, n (bf16 as for
+    lstm_forward_loop)."""
     T, B, G = xw.shape
     H = G // 3
     xw = xw.contiguous()
@@ -298,9 +379,9 @@ def gru_forward_loop(xw: torch.Tensor, h0: torch.Tensor, W_hh: torch.Tensor,
     hbuf[0].copy_(h0)
     gh.copy_(b_hh)  # every step's b_hh at once; the steps add h W_hh^T in place
     if _whole(whole_window):
-        packed = _packed_transpose(W_hh, B)
-        window_library().gru_forward_window(_ptr(packed), _ptr(xw), _ptr(gh), _ptr(hbuf),
-                                            _ptr(rz), _ptr(n), T, B, H)
+        rhs, lhs = _forward_rhs(W_hh, B, bf16)
+        window_library().gru_forward_window(_ptr(rhs), _optional_ptr(lhs), _ptr(xw), _ptr(gh),
+                                            _ptr(hbuf), _ptr(rz), _ptr(n), T, B, H)
         return hbuf, gh, rz, n
     W_t = W_hh.t().contiguous()
     step = library().gru_forward_step
@@ -316,17 +397,17 @@ def gru_forward_loop(xw: torch.Tensor, h0: torch.Tensor, W_hh: torch.Tensor,
 
 def gru_backward_loop(dhs: torch.Tensor, hbuf: torch.Tensor, gh: torch.Tensor,
                       rz: torch.Tensor, n: torch.Tensor, W_hh: torch.Tensor,
-                      whole_window: bool | None = None):
+                      whole_window: bool | None = None, bf16: bool = False):
     """Backward through a GRU window from its forward buffers: d(x W_ih^T + b_ih) and
     d(W_hh h + b_hh) (T, B, 3H), and dL/dh_t (T, B, H) for every step."""
     T, B, H = dhs.shape
     dxw, dgh = hbuf.new_empty((T, B, 3 * H)), hbuf.new_empty((T, B, 3 * H))
     dh_all = dhs.clone(memory_format=torch.contiguous_format)  # dhs_t, then the rest added
     if _whole(whole_window):
-        W_hh = W_hh.contiguous()
-        window_library().gru_backward_window(_ptr(W_hh), _ptr(dh_all), _ptr(rz), _ptr(n),
-                                             _ptr(gh), _ptr(hbuf), _ptr(dgh), _ptr(dxw), T, B,
-                                             H)
+        rhs, lhs = _backward_rhs(W_hh, B, bf16)
+        window_library().gru_backward_window(_ptr(rhs), _optional_ptr(lhs), _ptr(dh_all),
+                                             _ptr(rz), _ptr(n), _ptr(gh), _ptr(hbuf), _ptr(dgh),
+                                             _ptr(dxw), T, B, H)
         return dxw, dgh, dh_all
     step = library().gru_backward_step
     dghs, dh_l = dgh.unbind(0), dh_all.unbind(0)
@@ -345,34 +426,40 @@ def gru_backward_loop(dhs: torch.Tensor, hbuf: torch.Tensor, gh: torch.Tensor,
 
 
 def rnn_forward_loop(xw: torch.Tensor, h0: torch.Tensor, W_hh: torch.Tensor,
-                     tanh: bool) -> torch.Tensor:
+                     tanh: bool, bf16: bool = False) -> torch.Tensor:
     """As bptt._rnn_forward_loop, the whole window in C: [h0, h1, ..., hT] (T + 1, B, H)."""
     T, B, H = xw.shape
     buf = xw.new_empty((T + 1, B, H))
     buf[0].copy_(h0)
     buf[1:].copy_(xw)  # row t+1 starts as xw_t and becomes h_t
-    packed = _packed_transpose(W_hh, B)
-    window_library().rnn_forward_window(_ptr(packed), _ptr(buf), T, B, H, int(tanh))
+    rhs, lhs = _forward_rhs(W_hh, B, bf16)
+    window_library().rnn_forward_window(_ptr(rhs), _optional_ptr(lhs), _ptr(buf), T, B, H,
+                                        int(tanh))
     return buf
 
 
 def rnn_backward_loop(buf: torch.Tensor, dhs: torch.Tensor, W_hh: torch.Tensor,
-                      tanh: bool) -> torch.Tensor:
+                      tanh: bool, bf16: bool = False) -> torch.Tensor:
     """As bptt._rnn_backward_loop without xi, in C: da_t for every step (T, B, H)."""
     T, B, H = dhs.shape
     dA = dhs.clone(memory_format=torch.contiguous_format)
-    W_hh, buf = W_hh.contiguous(), buf.contiguous()
-    window_library().rnn_backward_window(_ptr(W_hh), _ptr(dA), _ptr(buf[1]), T, B, H, int(tanh))
+    rhs, lhs = _backward_rhs(W_hh, B, bf16)
+    buf = buf.contiguous()
+    window_library().rnn_backward_window(_ptr(rhs), _optional_ptr(lhs), _ptr(dA), _ptr(buf[1]),
+                                         T, B, H, int(tanh))
     return dA
 
 
 def recurrent_products(h: torch.Tensor, W_hh: torch.Tensor, out_f: torch.Tensor,
-                       dgates: torch.Tensor, out_b: torch.Tensor, steps: int) -> None:
+                       dgates: torch.Tensor, out_b: torch.Tensor, steps: int,
+                       bf16: bool = False) -> None:
     """`steps` times out_f += h @ W_hh^T and out_b += dgates @ W_hh, as the window loops
-    compute them (W_hh (G, H) packed once, transposed): the benchmark's roofline (bench.py)."""
+    compute them (W_hh (G, H) packed once, transposed; or bf16 products): the benchmark's
+    roofline (bench.py)."""
     B, H = h.shape
     G = W_hh.shape[0]
-    W_hh = W_hh.contiguous()
-    packed = _packed_transpose(W_hh, B)
-    window_library().recurrent_products(_ptr(packed), _ptr(h), _ptr(out_f), _ptr(W_hh),
+    forward, lhs_f = _forward_rhs(W_hh, B, bf16)
+    backward, lhs_b = _backward_rhs(W_hh, B, bf16)
+    window_library().recurrent_products(_ptr(forward), _optional_ptr(lhs_f), _ptr(h),
+                                        _ptr(out_f), _ptr(backward), _optional_ptr(lhs_b),
                                         _ptr(dgates), _ptr(out_b), steps, B, H, G)

@@ -1,8 +1,9 @@
 """The one contract every model keeps, whatever its recurrent core.
 
 A model maps token ids (B, T) and a state to logits (T, B, V) and the next state. The state
-is always a tuple of (num_layers, B, H) tensors: (h,) for RNN/GRU, (h, c) for LSTM, so the
-training loop never needs to know which model it drives.
+is always a tuple of (num_layers, B, H) tensors: (h,) for RNN/GRU, minGRU and minLSTM, (h, c)
+for LSTM, (Re h, Im h) for the LRU, so the training loop never needs to know which model it
+drives.
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ class Supports:
     c_steps: bool = False
     #: train.precision=bf16 (autocast of the training forward pass)
     bf16: bool = True
+    #: under bf16 on a CPU the C windows run, with bf16 recurrent products (where c_windows);
+    #: False: a torch.nn kind runs its own layer under autocast instead (nn.LSTM's fused
+    #: oneDNN kernel measured faster in bf16 than the windows)
+    c_windows_bf16: bool = True
     #: train.compile (torch.compile of the training model)
     compile: bool = True
     #: train.batch_shards=auto splits batches across cores (one lane group per core); False
@@ -99,6 +104,9 @@ class Supports:
     #: where auto_shards is False: auto splits all the same when the run's windows will use
     #: the C kernels (c_windows), whose single-threaded loops shard as the scratch kinds' do
     auto_shards_on_c_windows: bool = False
+    #: model.weight_dropout (DropConnect on a dense W_hh); False where the recurrence is
+    #: diagonal and there is no such matrix
+    weight_dropout: bool = True
 
     @property
     def randomized_truncation(self) -> bool:
@@ -108,7 +116,7 @@ class Supports:
 class LanguageModel(nn.Module):
     """Input encoding -> recurrent core (subclass) -> linear output layer."""
 
-    #: number of tensors in the state: 1 for RNN/GRU, 2 for LSTM
+    #: number of tensors in the state: 1 for RNN/GRU, 2 for LSTM (and the LRU's complex h)
     state_size: int = 1
     #: what this kind can do (rnnlm.config.checks asks it)
     supports: Supports = Supports()
@@ -181,6 +189,39 @@ class LanguageModel(nn.Module):
     def recurrent_weight(self, layer: int) -> torch.Tensor:
         """W_hh of one layer, (len(gate_names) or 1) * H rows by H columns, torch.nn layout."""
         raise NotImplementedError
+
+    def eigenvalues(self, layer: int) -> dict[str, torch.Tensor]:
+        """The eigenvalues of one layer's recurrence, complex128 on the CPU, per block of W_hh:
+        {gate name: eigenvalues of its H x H block}, or {"": ...} for one block. Here those of
+        recurrent_weight's blocks; a diagonal recurrence gives its diagonal exactly."""
+        W = self.recurrent_weight(layer).detach().to("cpu", torch.float64)
+        names = self.gate_names or ("",)
+        return {name: torch.linalg.eigvals(block)
+                for name, block in zip(names, W.chunk(len(names), dim=0))}
+
+    def hidden(self, state: State) -> State:
+        """The tensors of `state` that together are the hidden state h_t whose gradient the
+        diagnostics measure: (h,) here, so the LSTM's memory cell c is not counted; a kind
+        whose h is held in several tensors (the LRU's Re h and Im h) returns all of them."""
+        return state[:1]
+
+    def recurrence_coefficients(self, tokens: torch.Tensor,
+                                state: State) -> list[torch.Tensor] | None:
+        """Each layer's coefficients a_t of a diagonal recurrence h_t = a_t * h_{t-1} + b_t over
+        the window `tokens` (B, T) started from `state`: one (T, B, N) tensor per layer, complex
+        where the recurrence is, without gradients (the caller chooses the mode: the
+        diagnostics measure in eval mode, without dropout). Where a_t depends
+        on the input (minGRU's 1 - z_t) they are the eigenvalues of that step's diagonal W_hh;
+        where it does not (the LRU) every step repeats `eigenvalues`. None, this default: W_hh
+        is a dense matrix, and `eigenvalues` is all there is to draw."""
+        return None
+
+    def step_logits(self, token: torch.Tensor, state: State) -> torch.Tensor:
+        """Logits (B, V) of the step whose input was token (B,) and whose state after it is
+        `state`, computed from that state (the diagnostics differentiate through it, so that
+        dL/dh_t takes in the output's path as well as the recurrence's), with no dropout (they
+        run in eval mode). Here the top layer's h is the core's output."""
+        return self.output(state[0][-1])
 
     def forward(self, tokens: torch.Tensor, state: State,
                 xi: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:

@@ -64,8 +64,9 @@ class TorchRecurrentLM(LanguageModel):
 
         Asked at every call rather than fixed when the model is built, because one model
         meets several contexts in one run: its training step may run under bf16 autocast
-        (torch.is_autocast_enabled: the C loops compute in float32 and would silently ignore
-        it, while the layer honours it) or be traced by torch.compile (the ctypes calls are
+        (torch.is_autocast_enabled: the C loops then need bf16 products, native.bf16_products,
+        and a kind that declares them faster than its layer, supports.c_windows_bf16) or be
+        traced by torch.compile (the ctypes calls are
         opaque to it), while evaluation and sampling run the same module eagerly in float32,
         where the C windows apply; a checkpoint may also land on a GPU or be cast to float64.
         """
@@ -74,7 +75,8 @@ class TorchRecurrentLM(LanguageModel):
         if steps is not None and steps < self.c_windows_from_steps:
             return False
         weight = self.rnn.weight_hh_l0
-        if torch.is_autocast_enabled(weight.device.type):
+        if torch.is_autocast_enabled(weight.device.type) and not (
+                self.supports.c_windows_bf16 and native.bf16_products(weight)):
             return False
         # cell_kernel "torch", a GPU, float64, or no whole-window C loops here: the layer
         return native.usable_for(self.cell_kernel, weight, None, whole_windows=True)
@@ -165,6 +167,7 @@ class TorchLSTM(TorchRecurrentLM):
     # oneDNN's fused LSTM already keeps both cores busy: two lane groups measured 0.81x on
     # the 2-core machine, where the other kinds gained 1.01-1.22x (docs/benchmarks.md). On
     # the C windows (one thread each, the scratch LSTM's loops) two lane groups pay again.
-    supports = Supports(c_windows=True, auto_shards=False, auto_shards_on_c_windows=True)
+    supports = Supports(c_windows=True, auto_shards=False, auto_shards_on_c_windows=True,
+                        c_windows_bf16=False)
     gate_names = ("i", "f", "g", "o")
     state_size = 2

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from rnnlm.config import ConfigError, load_config
+from rnnlm.config.checks import resolve_precision
 from rnnlm.data.corpus import load_corpus
 from rnnlm.evaluation.sampling import generate
 from rnnlm.files import ensure_directory, os_reason, write_atomic
@@ -102,30 +103,38 @@ def _batch_matmuls_c(h, w_f, w_b, dgates, window_h, window_g, x_in, w_in, w_out,
     (forward weights packed once per window: faster than torch.mm at some shapes)."""
     kept = _batch_matmuls(h, w_f, w_b, dgates, window_h, window_g, x_in, w_in, w_out, d_out,
                           out_f, out_b, layers, 0)
+    bf16 = h.dtype == torch.bfloat16  # the loops keep h and their sums in float32
+    h, dgates, w_b = h.float(), dgates.float(), w_b.float()
+    out_f, out_b = out_f.float(), out_b.float()
     for _ in range(layers):  # w_b (G*H, H) has W_hh's layout
-        native.recurrent_products(h, w_b, out_f, dgates, out_b, steps)
+        native.recurrent_products(h, w_b, out_f, dgates, out_b, steps, bf16)
     return kept
 
 
 def matmul_roofline(kind: str, hidden: int, layers: int, vocab: int, batch: int, steps: int,
-                    shards: int = 1, reps: int = 20) -> float:
+                    shards: int = 1, reps: int = 20, precision: str = "fp32") -> float:
     """GFLOP/s of exactly the matmuls one training batch needs, at the model's own shapes, each
     in its fastest layout: the per-step recurrent products (B, H) @ (H, G*H) forward and
     (B, G*H) @ (G*H, H) backward, and the window-wide input, output and weight-gradient GEMMs.
     shards > 1 measures the layout of train.batch_shards: each shard's lanes on its own thread
     with one intra-op thread each, all running at once. The recurrent products are timed both
     through torch.mm and as the C window loops call MKL (native.windows_available()),
-    and the faster way counts."""
+    and the faster way counts. precision: the products' operands, as the run that is
+    measured computes them (bf16: bf16 operands throughout, the way autocast and the C
+    windows' bf16 products take them)."""
     G, H, T, V = gates_of(kind), hidden, steps, vocab
     g = torch.Generator().manual_seed(0)
 
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
     def rand(*shape):
-        return torch.randn(*shape, generator=g)
+        return torch.randn(*shape, generator=g).to(dtype)
 
     def operands(B):
         return (rand(B, H), rand(H, G * H), rand(G * H, H), rand(B, G * H), rand(T * B, H),
                 rand(T * B, G * H), rand(T * B, vocab), rand(vocab, G * H), rand(H, V),
-                rand(T * B, V), torch.zeros(B, G * H), torch.zeros(B, H), layers, T)
+                rand(T * B, V), torch.zeros(B, G * H, dtype=dtype),
+                torch.zeros(B, H, dtype=dtype), layers, T)
 
     lanes = [len(part) for part in torch.arange(batch).tensor_split(shards)]
     per_shard = [operands(n) for n in lanes]
@@ -387,12 +396,15 @@ def benchmark(args, command: str) -> int:
             ref = run_reference(preset, args.epochs) if use_reference else None
             m, d, vocab = long[""]["cfg"].model, long[""]["cfg"].data, long[""]["vocab"]
             fpt = flops_per_token(m.kind, m.hidden_size, m.num_layers, vocab, vocab)
+            precision = resolve_precision(long[""]["cfg"], torch.device(args.device))
 
-            def measure_roofline(m=m, d=d, vocab=vocab):
+            def measure_roofline(m=m, d=d, vocab=vocab, precision=precision):
                 # the better of the two ways the trainer can use the cores (one batch on all
-                # threads, or one shard of lanes per core: train.batch_shards)
+                # threads, or one shard of lanes per core: train.batch_shards), in the
+                # precision the preset computes in
                 return max(matmul_roofline(m.kind, m.hidden_size, m.num_layers, vocab,
-                                           d.batch_size, d.num_steps, shards=shards)
+                                           d.batch_size, d.num_steps, shards=shards,
+                                           precision=precision)
                            for shards in (1, 2))
 
             measure = measure_roofline if args.device == "cpu" else None
@@ -417,6 +429,8 @@ def benchmark(args, command: str) -> int:
                 fractions = paired_ratios(speeds[setting], roofline_speeds)
                 rows.append({
                     "preset": preset + (f" + {setting}" if setting else ""),
+                    "precision": resolve_precision(long[setting]["cfg"],
+                                                   torch.device(args.device)),
                     "ours": ours, "ours_ppl": long[setting]["ppl"],
                     "ref": median_or_none(speeds["ref"]), "ref_ppl": ref and ref["ppl"],
                     "ratio": median_or_none(ratios),
@@ -453,8 +467,10 @@ def benchmark(args, command: str) -> int:
     else:
         how = f"tokens/s: median over the epochs of the long run after {args.warmup} warm-up"
     # the two kinds of limit, said apart: one library's at our shapes, the hardware's
-    how += ("; of roofline is against what MKL reaches on the model's own matmul shapes, "
-            "one library's limit at those shapes")
+    how += ("; precision: what train.precision resolves to here (auto: bf16 on a CPU that "
+            "multiplies bf16 natively, the D2L reference computes in fp32); matmul GFLOP/s "
+            "and of roofline are against what MKL and oneDNN reach on the model's own matmul "
+            "shapes in that precision, one library's limit at those shapes")
     if peaks:
         how += ("; GFLOP/s per core: ours tok/s x MFLOP/token over the cores the run keeps "
                 "busy (its threads, one per batch shard when sharded); of fp32 / bf16 peak: "
@@ -478,17 +494,19 @@ def preset_table(rows: list[dict], variants: bool) -> list[str]:
     """The report's markdown table, one line per row of `benchmark` (with a "vs preset"
     column when there are variants). A row without "gflops_core" (a GPU run: no CPU peak)
     shows n/a in the per-core columns."""
-    header = ("| preset | ours tok/s | D2L tok/s | ratio | " + "vs preset | " * variants +
+    header = ("| preset | precision | ours tok/s | D2L tok/s | ratio | " +
+              "vs preset | " * variants +
               "MFLOP/token | matmul GFLOP/s | roofline tok/s | GFLOP/s per core | "
               "of fp32 peak | of bf16 peak | of roofline | ours ppl | D2L ppl |")
-    lines = [header, "|" + "---|" * (13 + variants)]
+    lines = [header, "|" + "---|" * (14 + variants)]
     for r in rows:
         vs_preset = f"{r['vs_preset']:.2f}x | " if variants else ""
         spread = r["ratio_range"] and f" ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f})"
         of_roofline = r["fraction_range"] and (f" ({100 * r['fraction_range'][0]:.0f}-"
                                                f"{100 * r['fraction_range'][1]:.0f}%)")
         of_fp32, of_bf16 = r.get("of_fp32"), r.get("of_bf16")
-        lines.append(f"| {r['preset']} | {fmt(r['ours'])} | {fmt(r['ref'])} | "
+        lines.append(f"| {r['preset']} | {r.get('precision', 'fp32')} | {fmt(r['ours'])} | "
+                     f"{fmt(r['ref'])} | "
                      f"{fmt(r['ratio'], '.2f', suffix='x')}{spread or ''} | {vs_preset}"
                      f"{r['mflop_per_token']:.2f} | "
                      f"{fmt(r['gflops'], '.0f')} | {fmt(r['roofline'])} | "

@@ -43,7 +43,7 @@ from rnnlm.checkpoint import (
     restore_training,
 )
 from rnnlm.config import Config, ConfigError, dump_yaml
-from rnnlm.config.checks import check_distributed, check_run, resolve_device
+from rnnlm.config.checks import check_distributed, check_run, resolve_device, resolve_precision
 from rnnlm.data.corpus import load_corpus
 from rnnlm.data.iterators import BatchIterator
 from rnnlm.diagnostics.report import DiagnosticsRecorder
@@ -170,8 +170,9 @@ class TrainingRun:
         check_run(cfg, device, shards)  # the config against this machine, before building
 
         # forward and backward of one batch (rnnlm.training.step)
-        self.batch_step = ShardedForwardBackward(shards, cfg.train.precision) if shards > 1 \
-            else functools.partial(forward_backward, precision=cfg.train.precision)
+        self.precision = resolve_precision(cfg, device)  # train.precision: auto resolved
+        self.batch_step = ShardedForwardBackward(shards, self.precision) if shards > 1 \
+            else functools.partial(forward_backward, precision=self.precision)
         self.shards = shards
         self.train_step = distributed.FaultInjector(ctx).wrap(self.batch_step)  # unless testing
         seed_everything(cfg.seed)
@@ -181,7 +182,8 @@ class TrainingRun:
                                      rank=ctx.rank, world_size=ctx.world_size,
                                      variable_length=variable_length_of(cfg.train))
         self.truncation = Truncation.from_config(cfg)
-        self.model = build_model(cfg.model, len(self.corpus.vocab), cfg.train).to(device)
+        self.model = build_model(cfg.model, len(self.corpus.vocab), cfg.train,
+                                 device.type).to(device)
         # --init-from: the checkpoint's weights over the fresh ones, before the optimizer and
         # the average take them; loading draws nothing, so the data order and every later
         # random draw are those of the same run without it

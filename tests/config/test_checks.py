@@ -50,8 +50,8 @@ def test_randomized_truncation_follows_the_declaration(toys):
 
 def test_manual_backward_and_c_windows_follow_the_declaration(toys, monkeypatch):
     with pytest.raises(ConfigError, match=r"model.backward: manual is offered for rnn_scratch, "
-                                          r"gru_scratch, lstm_scratch only .* fused_toy declares "
-                                          r"none"):
+                                          r"gru_scratch, lstm_scratch, lru, mingru, minlstm "
+                                          r"only .* fused_toy declares none"):
         load_config(None, ["model.kind=fused_toy", "model.backward=manual"])
     with pytest.raises(ConfigError, match=r"model.cell_kernel: c is offered for rnn_scratch, "
                                           r"gru_scratch, lstm_scratch, rnn, gru, lstm only"):

@@ -44,7 +44,8 @@ def test_overrides_are_typed():
     ({}, ["model.dropout=1.5"], "model.dropout must be in [0, 1)"),
     ({"data": 3}, [], "data must be a mapping"),
     ({}, ["model.kind=lstm", "model.backward=manual"],
-     "model.backward: manual is offered for rnn_scratch, gru_scratch, lstm_scratch only"),
+     "model.backward: manual is offered for rnn_scratch, gru_scratch, lstm_scratch, lru, "
+     "mingru, minlstm only"),
     ({}, ["epochs"], "must look like key=value"),
 ])
 def test_bad_values_name_the_key(raw, overrides, fragment):

@@ -259,19 +259,26 @@ def test_c_on_a_gpu_is_refused():
 
 @pytest.mark.parametrize("overrides,match", [
     (["model.kind=lstm", "model.cell_kernel=c", "train.precision=bf16"],
-     "hand-written fp32 eager backward"),
+     "hand-written eager backward"),
     (["model.kind=rnn", "model.cell_kernel=c", "train.compile=true"],
-     "hand-written fp32 eager backward"),
+     "hand-written eager backward"),
     (["model.kind=lstm_scratch", "model.cell_kernel=c", "model.backward=autograd"],
-     "hand-written fp32 eager backward"),
+     "hand-written eager backward"),
     (["model.kind=gru_scratch", "model.cell_kernel=c", "train.truncation=randomized"],
-     "hand-written fp32 eager backward"),
+     "hand-written eager backward"),
     (["model.kind=gru_scratch", "model.cell_kernel=c", "device=cuda"], "runs on the CPU"),
     (["model.kind=gru_scratch", "model.cell_kernel=fast"], "model.cell_kernel"),
 ])
 def test_config_refuses_what_the_c_kernel_cannot_do(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("kind", ["rnn_scratch", "gru_scratch", "lstm_scratch", "rnn", "gru"])
+def test_bf16_keeps_the_c_windows(kind):
+    """Under bf16 the hand-written windows keep their C loops (bf16 products), so
+    model.cell_kernel: c stays possible; nn.LSTM alone runs its fused layer (above)."""
+    load_config(None, [f"model.kind={kind}", "model.cell_kernel=c", "train.precision=bf16"])
 
 
 @needs_windows

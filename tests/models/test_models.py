@@ -9,6 +9,8 @@ from rnnlm.models import MODEL_KINDS, build_model
 
 V = 11
 TWINS = {"rnn_scratch": "rnn", "gru_scratch": "gru", "lstm_scratch": "lstm"}
+#: the kinds whose state is two tensors per layer: (h, c), and the LRU's (Re h, Im h)
+TWO_STATE_TENSORS = ("lstm_scratch", "lstm", "lru")
 
 
 def make(kind, **kw):
@@ -23,7 +25,7 @@ def test_shapes_for_every_model(kind, layers, emb):
     X = torch.randint(0, V, (4, 6))
     state = model.begin_state(4)
     assert all(s.shape == (layers, 4, 8) for s in state)
-    assert len(state) == (2 if "lstm" in kind else 1)
+    assert len(state) == (2 if kind in TWO_STATE_TENSORS else 1)
     logits, new = model(X, state)
     assert logits.shape == (6, 4, V)
     assert [s.shape for s in new] == [s.shape for s in state]

@@ -225,12 +225,24 @@ def test_one_step_windows_run_the_layer(kind, c_calls):
 
 @needs_windows
 @pytest.mark.parametrize("kind", KINDS)
-def test_bf16_autocast_falls_back_to_the_layer(kind, c_calls):
-    """The C loops compute in float32: under autocast the layer runs (and computes in bf16);
-    outside it the same model runs the C windows again."""
+def test_bf16_autocast_picks_windows_or_layer_as_the_kind_declares(kind, c_calls,
+                                                                   monkeypatch):
+    """Under bf16 autocast nn.RNN and nn.GRU keep the C windows with bf16 products
+    (supports.c_windows_bf16); nn.LSTM runs its layer, which computes in bf16 itself; and
+    where MKL's bf16 GEMM is missing every kind runs its layer (the C loops would otherwise
+    silently compute in float32). Outside autocast the C windows run again."""
     model = make(kind, "c", num_layers=2)
     seen = layer_calls(model)
     X, init = inputs(model, 5)
+    windows = model.supports.c_windows_bf16 and native._BF16_PRODUCTS
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.uses_c_windows() == windows
+        logits, _ = model(X, init)
+    assert (seen == []) == windows
+    assert (f"{kind}_forward_loop" in c_calls) == windows
+    seen.clear()
+    c_calls.clear()
+    monkeypatch.setattr(native, "_BF16_PRODUCTS", False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not model.uses_c_windows()
         logits, _ = model(X, init)

@@ -64,7 +64,8 @@ def test_bench_writes_its_table_with_the_reference_of_each_round(tmp_path, monke
     assert "prose that must survive" in text and "<!-- bench:cpu data.data_dir=" in text
     row = next(line for line in text.splitlines() if line.startswith("| rnn |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    ours, ref, ratio = float(cells[1].replace(",", "")), cells[2], cells[3]
+    precision, ours, ref, ratio = cells[1], float(cells[2].replace(",", "")), cells[3], cells[4]
+    assert precision in ("fp32", "bf16")  # what train.precision: auto resolved to here
     assert ref == "1,000" and cells[-1] == "9.500"
     low, high = (float(x) for x in ratio.split("(")[1].rstrip(")").split("-"))
     assert low <= float(ratio.split("x")[0]) <= high

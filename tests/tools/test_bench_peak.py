@@ -62,14 +62,16 @@ def test_the_table_gives_per_core_speed_against_both_peaks_and_the_roofline():
     head, rule, cpu, gpu = bench.preset_table([preset_row(**numbers), preset_row()],
                                               variants=False)
     titles = cells(head)
-    assert titles[7:11] == ["GFLOP/s per core", "of fp32 peak", "of bf16 peak", "of roofline"]
+    assert titles[8:12] == ["GFLOP/s per core", "of fp32 peak", "of bf16 peak", "of roofline"]
+    assert titles[1] == "precision"
     assert rule.count("---") == len(titles)
     row = dict(zip(titles, cells(cpu)))
     assert row["GFLOP/s per core"] == "1000.0"  # 1e6 tok/s x 2 MFLOP / 2 cores
     assert row["of fp32 peak"] == "1000.0%" and row["of bf16 peak"] == "125.0%"
     assert row["of roofline"] == "50% (40-60%)" and row["matmul GFLOP/s"] == "40"
     gpu_row = dict(zip(titles, cells(gpu)))  # no CPU peak on a GPU run
-    assert [gpu_row[t] for t in titles[7:10]] == ["n/a"] * 3
+    assert [gpu_row[t] for t in titles[8:11]] == ["n/a"] * 3
+    assert gpu_row["precision"] == "fp32"  # a row that does not say is an fp32 one
     with_variants = bench.preset_table([preset_row(**numbers)], variants=True)
     assert "| vs preset |" in with_variants[0]
     assert len(cells(with_variants[2])) == len(cells(with_variants[0]))

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from rnnlm.config import ConfigError, config_from_dict, load_config
+from rnnlm.config.checks import resolve_precision
+from rnnlm.kernels import native
 from rnnlm.models import MODEL_KINDS, build_model
 from rnnlm.training.run import train
 from rnnlm.training.step import ShardedForwardBackward, forward_backward
@@ -21,7 +23,8 @@ def small_model(kind, *overrides):
     return model
 
 
-@pytest.mark.parametrize("kind", list(MODEL_KINDS))
+@pytest.mark.parametrize("kind", [kind for kind, cls in MODEL_KINDS.items()
+                                  if cls.supports.bf16])
 @pytest.mark.parametrize("shards", [1, 2])
 def test_bf16_step_computes_in_bf16_and_keeps_fp32_state_and_grads(kind, shards):
     torch.manual_seed(0)
@@ -64,13 +67,56 @@ def test_bf16_training_run_stays_close_to_fp32(tiny_overrides, tmp_path):
     assert abs(finals["bf16"] - finals["fp32"]) < 0.05 * finals["fp32"]
 
 
-def test_manual_backward_is_refused_under_bf16_or_compile():
-    for option in ("train.precision=bf16", "train.compile=true"):
-        with pytest.raises(ConfigError, match="model.backward: manual"):
-            config_from_dict({}, ["model.kind=gru_scratch", "model.backward=manual", option])
-    # auto picks autograd there, and the hand-written backward otherwise
+def test_manual_backward_is_refused_under_compile_only():
+    with pytest.raises(ConfigError, match="model.backward: manual"):
+        config_from_dict({}, ["model.kind=gru_scratch", "model.backward=manual",
+                              "train.compile=true"])
+    config_from_dict({}, ["model.kind=gru_scratch", "model.backward=manual",
+                          "train.precision=bf16"])
+    # auto picks autograd under compile, and under bf16 off the CPU (where no C windows
+    # multiply in bf16); the hand-written backward otherwise
     assert small_model("gru_scratch", "train.compile=true").layers[0].window is None
     assert small_model("gru_scratch").layers[0].window is not None
+    assert small_model("gru_scratch", "train.precision=bf16").layers[0].window is not None
+    cfg = config_from_dict({}, ["model.kind=gru_scratch", "train.precision=bf16"])
+    assert build_model(cfg.model, 9, cfg.train, "cuda").layers[0].window is None
+
+
+@pytest.mark.parametrize("device,native_bf16,kind,expected", [
+    ("cpu", True, "gru_scratch", "bf16"),
+    ("cpu", False, "gru_scratch", "fp32"),
+    ("cuda", True, "lstm", "fp32"),
+    ("cpu", True, "mingru", "fp32"),  # a kind that does not offer bf16
+])
+def test_auto_precision_is_bf16_where_the_cpu_multiplies_it(device, native_bf16, kind,
+                                                            expected, monkeypatch):
+    monkeypatch.setattr(native, "cpu_multiplies_bf16", lambda: native_bf16)
+    cfg = config_from_dict({}, [f"model.kind={kind}", "model.embedding_dim=16",
+                                "train.precision=auto"])
+    assert resolve_precision(cfg, torch.device(device)) == expected
+    for fixed in ("fp32", "bf16"):
+        cfg.train.precision = fixed
+        assert resolve_precision(cfg, torch.device(device)) == fixed
+
+
+def test_auto_precision_trains_as_its_resolution(tiny_overrides, tmp_path, monkeypatch):
+    """A run with train.precision: auto computes as the precision it resolves to, and keeps
+    auto in its saved config (a resume on another machine resolves again)."""
+    finals = {}
+    for native_bf16 in (True, False):
+        monkeypatch.setattr(native, "cpu_multiplies_bf16", lambda v=native_bf16: v)
+        for precision in ("auto", "bf16" if native_bf16 else "fp32"):
+            out = tmp_path / f"{precision}-{native_bf16}"
+            cfg = load_config(ROOT / "configs/tiny.yaml",
+                              [*tiny_overrides[:1], f"out_dir={out}", "model.kind=gru_scratch",
+                               "train.epochs=2", f"train.precision={precision}",
+                               "train.predict_every=0"])
+            train(cfg, quiet=True)
+            finals[precision, native_bf16] = read_metrics(out)[-1]["train_ppl"]
+            assert load_config(out / "config.yaml").train.precision == precision
+    assert finals["auto", True] == finals["bf16", True]
+    assert finals["auto", False] == finals["fp32", False]
+    assert finals["bf16", True] != finals["fp32", False]
 
 
 def test_compile_with_batch_shards_is_refused():

@@ -193,7 +193,8 @@ def test_input_and_output_dropout(kind):
     assert torch.allclose(plain(x, state)[0], c, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind,layered", [(kind, False) for kind in MODEL_KINDS] +
+@pytest.mark.parametrize("kind,layered", [(kind, False) for kind, cls in MODEL_KINDS.items()
+                                          if cls.supports.weight_dropout] +
                          [(kind, True) for kind in ("rnn", "gru", "lstm")])
 def test_weight_dropout_drops_recurrent_weights_once_per_call(kind, layered):
     """layered: torch.nn's layers run one by one (locked masks between them, switched off
