@@ -112,9 +112,18 @@ def test_a_run_gives_back_the_callers_thread_count(setting, tiny_overrides, tmp_
      False, 2, 1),
     (["train.batch_shards=auto", "data.batch_size=1"], "cpu", False, 2, 1),
     (["train.batch_shards=3"], "cpu", False, 1, 3),  # a number is taken as given
+    # bf16 products: MKL's bf16 GEMM on both cores beats a shard per core
+    (["train.batch_shards=auto", "model.kind=rnn_scratch", "train.precision=bf16"], "cpu",
+     False, 2, 1),
+    (["train.batch_shards=auto", "train.precision=auto"], "cpu", False, 2, "1 if bf16 else 2"),
 ])
-def test_auto_batch_shards(overrides, device, distributed, cores, expected, monkeypatch):
+@pytest.mark.parametrize("bf16_cpu", [True, False])
+def test_auto_batch_shards(overrides, device, distributed, cores, expected, bf16_cpu,
+                           monkeypatch):
     import rnnlm.training.step as shards
+    monkeypatch.setattr(native, "cpu_multiplies_bf16", lambda: bf16_cpu)
+    if isinstance(expected, str):
+        expected = 1 if bf16_cpu else 2
     monkeypatch.setattr(shards, "usable_cores", lambda: cores)
     cfg = config_from_dict({}, overrides)
     assert shards.resolve_batch_shards(cfg, torch.device(device), distributed) == expected
