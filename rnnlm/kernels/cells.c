@@ -1,5 +1,6 @@
 /* Fused elementwise steps of the LSTM and GRU cells, and whole-window loops of the RNN, GRU
- * and LSTM (end of file), float32, row-major, contiguous.
+ * and LSTM (end of file), float32, row-major, contiguous (the window loops' products may take
+ * bf16 operands: see "bf16 products").
  *
  * One call per time step does what otherwise takes four to ten tensor ops (each a pass
  * over memory plus dispatch): the gate nonlinearities, the state update and, in the

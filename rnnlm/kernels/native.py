@@ -25,6 +25,11 @@ half-batch shapes (one thread, 35 steps): LSTM forward 6.2 -> 5.3 ms and backwar
 GRU 3.9 -> 3.5 and 3.5 -> 2.9, RNN (h512) 4.3 -> 3.9 and 3.6 -> 2.9. Where the symbols are
 missing (another BLAS, another OS) the per-step loops below run instead; the scratch RNN,
 which has no elementwise kernel of its own, then keeps its TorchScript loop.
+
+bf16 products (train.precision: bf16 on a CPU, `bf16_products`): the whole-window loops can
+also hand each step's product to MKL's gemm_bf16bf16f32, with the left-hand side rounded to
+bf16 into a buffer first and the weights converted once per window; the state, the cells and
+the sums stay float32 (tests/kernels/test_bf16_products.py writes that definition out).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""PyTorch's own recurrent layers (cuDNN on GPU) behind the common contract, and, on a CPU in
-float32, the same layers run through the project's C window loops.
+"""PyTorch's own recurrent layers (cuDNN on GPU) behind the common contract, and, on a CPU,
+the same layers run through the project's C window loops.
 
 The models hold an nn.RNN / nn.GRU / nn.LSTM, so their parameters and state_dict are always
 the layer's own (`rnn.weight_ih_l0`, ...). Where `model.cell_kernel` lets it and the forward
-pass can use them (a CPU, float32, eager, no autocast, and the C window loops built here:
+pass can use them (a CPU, float32 or bf16 autocast with bf16 products for the kinds that
+declare supports.c_windows_bf16, eager, and the C window loops built here:
 `uses_c_windows`), `core` runs the layers one at a time through the hand-written windows of
 the scratch layers (rnnlm.models.scratch, rnnlm.bptt: forward and BPTT backward in C, calling
 PyTorch's MKL) on those same parameters; elsewhere it calls the layer itself. Both compute the
