@@ -223,6 +223,14 @@ class LanguageModel(nn.Module):
         run in eval mode). Here the top layer's h is the core's output."""
         return self.output(state[0][-1])
 
+    def no_weight_decay(self) -> set[str]:
+        """Names (as named_parameters gives them) of the parameters train.weight_decay leaves
+        alone: those its submodules list in a NO_WEIGHT_DECAY class attribute (e.g. the LRU's
+        eigenvalue parameters); none for the classic kinds, which decay every weight."""
+        return {f"{prefix}.{name}" if prefix else name
+                for prefix, module in self.named_modules()
+                for name in getattr(module, "NO_WEIGHT_DECAY", ())}
+
     def forward(self, tokens: torch.Tensor, state: State,
                 xi: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
         hidden, state = self.core(self.encode(tokens), state, xi)

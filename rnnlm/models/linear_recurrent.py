@@ -134,6 +134,10 @@ class LRURecurrence(Recurrence):
     """
 
     R_MIN, R_MAX, MAX_PHASE = 0.5, 0.999, math.pi
+    #: the recurrence's own parameters, which train.weight_decay leaves alone (as the paper
+    #: does): decay would pull nu_log towards 0, that is every |lambda| towards e^-1 = 0.37,
+    #: and shorten the memory the ring initialisation gave
+    NO_WEIGHT_DECAY = ("nu_log", "theta_log", "gamma_log")
 
     def __init__(self, width: int):
         super().__init__()

@@ -547,7 +547,15 @@ def make_optimizer(cfg: Config, model: LanguageModel) -> torch.optim.Optimizer:
     # rounding (tests/training/test_run.py). Fused kernels exist for CPU and CUDA tensors.
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
     kind = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-    optimizer = kind[t.optimizer](params, lr=t.lr, weight_decay=t.weight_decay,
+    # the parameters the model exempts from weight decay in a group of their own (none for
+    # the classic kinds: one group, as before)
+    exempt = model.no_weight_decay()
+    named = list(model.named_parameters())
+    groups = [{"params": [p for name, p in named if name not in exempt]}]
+    if exempt:
+        groups.append({"params": [p for name, p in named if name in exempt],
+                       "weight_decay": 0.0})
+    optimizer = kind[t.optimizer](groups, lr=t.lr, weight_decay=t.weight_decay,
                                   **({"fused": True} if fused else {}))
     if fused:
         optimizer.register_step_pre_hook(contiguous_gradients)

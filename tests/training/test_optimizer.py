@@ -82,3 +82,27 @@ def test_transposed_and_expanded_gradients_update_the_right_elements(optimizer):
         plain.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_weight_decay_leaves_what_the_model_exempts():
+    """The LRU's eigenvalue parameters (nu, theta, gamma) take no weight decay, as in the
+    paper; every other weight does, and the classic kinds decay every weight."""
+    cfg = Config()
+    cfg.model.kind, cfg.model.hidden_size, cfg.model.num_layers = "lru", 8, 2
+    cfg.model.embedding_dim = 8
+    cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay = "adamw", 0.1, 0.5
+    model = build_model(cfg.model, 12, cfg.train)
+    exempt = model.no_weight_decay()
+    assert exempt and all(name.rsplit(".", 1)[-1] in ("nu_log", "theta_log", "gamma_log")
+                          for name in exempt)
+    optimizer = make_optimizer(cfg, model)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # only the decay moves a weight
+    optimizer.step()
+    for name, p in model.named_parameters():
+        moved = not torch.equal(p, before[name])
+        assert moved == (name not in exempt and bool(before[name].abs().sum() > 0)), name
+    classic, _ = model_and_config("adamw")
+    assert classic.no_weight_decay() == set()
+    assert len(make_optimizer(cfg, classic).param_groups) == 1
