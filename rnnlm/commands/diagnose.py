@@ -10,10 +10,14 @@ DESCRIPTION = """\
 Gradient-flow diagnostics: measure a checkpoint, or draw figures from diagnosed runs.
 
   {prog} --checkpoint out_dir/last.pt [--out DIR] [--set key=value ...]
-  {prog} --figure gradients|eigenvalues|truncation --runs DIR [DIR ...] --out PNG
+  {prog} --figure gradients|eigenvalues|lambdas|truncation --runs DIR [DIR ...] --out PNG
+
+lambdas: the eigenvalues over training, coloured by epoch, on the unit disk (for the LRU all
+its lambdas; for minGRU and minLSTM, whose coefficient depends on the input, each channel's
+mean over held-out text, with histograms of |a_t|).
 """
 FORMATTER = argparse.RawDescriptionHelpFormatter
-FIGURES = ("gradients", "eigenvalues", "truncation")
+FIGURES = ("gradients", "eigenvalues", "lambdas", "truncation")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     runs = [plots.load_run(folder) for folder in args.runs]
     draw = {"gradients": plots.plot_gradient_norms, "eigenvalues": plots.plot_eigenvalues,
+            "lambdas": plots.plot_lambdas,
             "truncation": plots.plot_truncation_patterns}[args.figure]
     print(f"wrote {draw(runs, args.out)}")
     return 0

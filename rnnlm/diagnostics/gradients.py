@@ -3,16 +3,22 @@
 * ``state_gradient_norms``: ||dL/dh_t|| against the distance from the end of the window, for
   the window loss L and for the last step's loss alone (the product of Jacobians);
 * ``spectral_summary``: eigenvalues and spectral radius of W_hh, per layer and per gate block;
+* ``diagonal_summary``: for a diagonal recurrence (LRU, minGRU, minLSTM) all N eigenvalues
+  of every layer, and the distribution of its per-step coefficients a_t over a held-out batch
+  (for minGRU and minLSTM a_t = 1 - z_t depends on the input; for the LRU a_t = lambda);
 * ``truncation_pattern``: ||dl_s/dh_t|| for every loss s and step t of a few consecutive
   training batches, with the truncation the run actually used (which steps receive gradient
   from which losses, D2L fig. 8.7.1 drawn from a real run).
 
-All three work on any model of the contract (torch.nn ones included): the window is run one
+All of them work on any model of the contract (torch.nn ones included): the window is run one
 token at a time, so each step's state is a tensor of its own, and the logits of a step are
-computed from the top layer's state, so dL/dh_t is the total gradient (output and recurrence).
-h_t is the top layer's hidden state. The passes run in eval mode (no dropout, no random draw)
-and take gradients with torch.autograd.grad: parameter gradients and the training run's
-random streams are untouched.
+computed from that state (LanguageModel.step_logits), so dL/dh_t is the total gradient (output
+and recurrence). h_t is the top layer's hidden state, made of the state tensors that
+LanguageModel.hidden names: h for the RNN, GRU and LSTM (not the LSTM's cell c), both Re h and
+Im h for the LRU, so that its norm is the complex state's. The eigenvalues are each model's
+own (LanguageModel.eigenvalues): of W_hh's gate blocks, or the exact diagonal of a linear
+recurrence. The passes run in eval mode (no dropout, no random draw) and take gradients with
+torch.autograd.grad: parameter gradients and the training run's random streams are untouched.
 
 Keys written into metrics.jsonl (``epoch_record``):
   diag_gnorm       [d = 0 .. T-1] mean over lanes of ||dL/dh_{T-d}||, L the window's mean loss
@@ -20,6 +26,13 @@ Keys written into metrics.jsonl (``epoch_record``):
   diag_rho         {block: spectral radius of W_hh}; blocks "l0", "l1", ... or "l0.r", "l0.z",
                    "l0.n" (GRU), "l0.i", "l0.f", "l0.g", "l0.o" (LSTM)
   diag_eig         {block: the leading eigenvalues as [re, im], by decreasing modulus}
+and for the kinds whose recurrence is diagonal (LanguageModel.recurrence_coefficients):
+  diag_lambda      {layer: all N eigenvalues as [re, im], by decreasing modulus} (the LRU's
+                   lambda exactly; minGRU's and minLSTM's a at zero input)
+  diag_a           {layer: {"mean": [re, im] per channel, the mean of a_t over the held-out
+                   batch; "hist": the fraction of all a_t whose |a_t| falls in each of
+                   A_BINS equal bins of [0, 1]; "max": the largest |a_t|; "input_dependent":
+                   whether a_t differs between steps or lanes}}
 (``clipped_frac``, the fraction of steps whose gradient was clipped, is always recorded.)
 """
 
@@ -34,6 +47,7 @@ import torch.nn.functional as F
 from rnnlm.models import LanguageModel, State, detach_state
 
 LEADING_EIGENVALUES = 6
+A_BINS = 50  # bins of |a_t| on [0, 1] in diag_a's histograms
 
 
 @contextmanager
@@ -61,13 +75,30 @@ def _run_steps(model: LanguageModel, X: torch.Tensor, state: State,
     for t in range(X.shape[1]):
         _, state = model(X[:, t: t + 1], state, xi=None if xi is None else xi[t: t + 1])
         states.append(state)
-        logits.append(model.output(state[0][-1]))
+        logits.append(model.step_logits(X[:, t], state))
     return logits, states
 
 
-def _mean_lane_norm(g: torch.Tensor | None) -> float:
-    """g: the gradient of a whole state tensor (layers, B, H); the top layer's is measured."""
-    return 0.0 if g is None else float(g[-1].norm(dim=-1).mean())
+def _mean_lane_norm(grads) -> float:
+    """grads: the gradients of the tensors that make up h (LanguageModel.hidden), each of a
+    whole state tensor (layers, B, H), None where none flowed; the top layer's is measured,
+    its norm taken over all of them (for Re h and Im h: the norm of the complex gradient)."""
+    squares = [g[-1].square().sum(dim=-1) for g in grads if g is not None]
+    return 0.0 if not squares else float(torch.stack(squares).sum(dim=0).sqrt().mean())
+
+
+def _hidden_grads(model: LanguageModel, loss: torch.Tensor, states: list[State],
+                  retain_graph: bool) -> list[tuple]:
+    """d loss / dh_t for each step's state: per step, the gradients of model.hidden's tensors
+    (whole (layers, B, H) tensors, not slices: every later use is a view of them)."""
+    parts = [model.hidden(s) for s in states]
+    flat = torch.autograd.grad(loss, [t for p in parts for t in p], retain_graph=retain_graph,
+                               allow_unused=True)
+    grads, start = [], 0
+    for p in parts:
+        grads.append(flat[start: start + len(p)])
+        start += len(p)
+    return grads
 
 
 def state_gradient_norms(model: LanguageModel, X: torch.Tensor, Y: torch.Tensor
@@ -80,31 +111,20 @@ def state_gradient_norms(model: LanguageModel, X: torch.Tensor, Y: torch.Tensor
     with eval_mode(model), torch.enable_grad():
         logits, states = _run_steps(model, X, model.begin_state(X.shape[0]))
         losses = [F.cross_entropy(lg, Y[:, t]) for t, lg in enumerate(logits)]
-        # the whole (layers, B, H) tensor, not a slice: every later use is a view of it
-        hs = [s[0] for s in states]
-        total = torch.autograd.grad(torch.stack(losses).mean(), hs, retain_graph=True)
-        last = torch.autograd.grad(losses[-1], hs, allow_unused=True)
+        total = _hidden_grads(model, torch.stack(losses).mean(), states, retain_graph=True)
+        last = _hidden_grads(model, losses[-1], states, retain_graph=False)
     return ([_mean_lane_norm(g) for g in reversed(total)],
             [_mean_lane_norm(g) for g in reversed(last)])
 
 
-def recurrent_blocks(model: LanguageModel) -> dict[str, torch.Tensor]:
-    """W_hh of every layer split into its gate blocks (H, H), float64 on the CPU."""
-    names = model.gate_names or ("",)
-    blocks = {}
-    for k in range(model.num_layers):
-        W = model.recurrent_weight(k).detach().to("cpu", torch.float64)
-        for name, block in zip(names, W.chunk(len(names), dim=0)):
-            blocks[f"l{k}" + (f".{name}" if name else "")] = block
-    return blocks
-
-
 def eigenvalues(model: LanguageModel) -> dict[str, np.ndarray]:
-    """All eigenvalues of every W_hh block, complex, by decreasing modulus."""
+    """All eigenvalues of every layer's W_hh blocks, complex, by decreasing modulus."""
     out = {}
-    for name, W in recurrent_blocks(model).items():
-        ev = torch.linalg.eigvals(W).numpy()
-        out[name] = ev[np.argsort(-np.abs(ev), kind="stable")]
+    for k in range(model.num_layers):
+        for name, ev in model.eigenvalues(k).items():
+            ev = ev.numpy()
+            out[f"l{k}" + (f".{name}" if name else "")] = ev[np.argsort(-np.abs(ev),
+                                                                        kind="stable")]
     return out
 
 
@@ -118,11 +138,44 @@ def spectral_summary(model: LanguageModel, leading: int = LEADING_EIGENVALUES) -
             "diag_eig": {name: complex_pairs(ev[:leading]) for name, ev in eig.items()}}
 
 
-def epoch_record(model: LanguageModel, X: torch.Tensor, Y: torch.Tensor) -> dict:
-    """The diagnostics keys of one metrics.jsonl record (module docstring)."""
+def coefficient_summary(model: LanguageModel, X: torch.Tensor) -> dict | None:
+    """diag_a (module docstring) over the windows X (B, T), each from a zero state; None for a
+    model whose W_hh is dense."""
+    device = model.output.weight.device
+    X = X.to(device)
+    with eval_mode(model):
+        layers = model.recurrence_coefficients(X, model.begin_state(X.shape[0]))
+    if layers is None:
+        return None
+    out = {}
+    for k, a in enumerate(layers):
+        a = a.detach().to("cpu", torch.complex128).flatten(0, 1)  # (T * B, N)
+        modulus = a.abs().numpy().ravel()
+        counts, _ = np.histogram(np.clip(modulus, 0.0, 1.0), bins=A_BINS, range=(0.0, 1.0))
+        out[f"l{k}"] = {"mean": complex_pairs(a.mean(dim=0).numpy(), 6),
+                        "hist": significant(counts / modulus.size, 4),
+                        "max": float(modulus.max()),
+                        "input_dependent": bool((a != a[:1]).any())}
+    return out
+
+
+def diagonal_summary(model: LanguageModel, X: torch.Tensor) -> dict:
+    """diag_lambda and diag_a (module docstring) for a diagonal recurrence; {} for a dense
+    W_hh, whose leading eigenvalues diag_eig already holds."""
+    coefficients = coefficient_summary(model, X)
+    if coefficients is None:
+        return {}
+    return {"diag_lambda": {name: complex_pairs(ev, 6) for name, ev in eigenvalues(model).items()},
+            "diag_a": coefficients}
+
+
+def epoch_record(model: LanguageModel, X: torch.Tensor, Y: torch.Tensor,
+                 heldout: torch.Tensor | None = None) -> dict:
+    """The diagnostics keys of one metrics.jsonl record (module docstring); diag_a over the
+    windows `heldout` (default: X)."""
     total, last = state_gradient_norms(model, X, Y)
     return {"diag_gnorm": significant(total), "diag_gnorm_last": significant(last),
-            **spectral_summary(model)}
+            **spectral_summary(model), **diagonal_summary(model, X if heldout is None else heldout)}
 
 
 def significant(values, digits: int = 5) -> list[float]:
@@ -152,10 +205,9 @@ def truncation_pattern(model: LanguageModel, windows, carry_state: bool) -> np.n
             if xi is not None:
                 xi = xi.to(device=device, dtype=model.output.weight.dtype)
             logits, states = _run_steps(model, X, state, xi)
-            hs = [s[0] for s in states]
             for s, lg in enumerate(logits):
-                grads = torch.autograd.grad(F.cross_entropy(lg, Y[:, s]), hs[: s + 1],
-                                            retain_graph=True, allow_unused=True)
+                grads = _hidden_grads(model, F.cross_entropy(lg, Y[:, s]), states[: s + 1],
+                                      retain_graph=True)
                 for t, g in enumerate(grads):
                     pattern[start + s, start + t] = _mean_lane_norm(g)
             state, start = states[-1], start + X.shape[1]

@@ -8,6 +8,10 @@ before and after training and the truncation pattern). From those:
 * ``plot_run``: one run's dashboard (``diagnostics.png``);
 * ``plot_gradient_norms``: ||dL/dh_t|| against distance, several runs side by side;
 * ``plot_eigenvalues``: the eigenvalues of W_hh in the complex plane with the unit circle;
+* ``plot_lambdas``: the eigenvalues over training, coloured by epoch, one unit disk per layer:
+  for a diagonal recurrence all N of them (the LRU's lambda; for minGRU and minLSTM, whose
+  a_t = 1 - z_t depends on the input, each channel's mean a_t over held-out text) above the
+  histograms of |a_t|; for a dense W_hh the leading ones of every block, on one disk;
 * ``plot_truncation_patterns``: which steps received gradient from which losses.
 """
 
@@ -26,6 +30,9 @@ from rnnlm.files import ensure_directory, write_atomic
 SUMMARY_FILE = "diagnostics.json"
 PLOT_FILE = "diagnostics.png"
 MEASURED_PREFIX = "diagnose-"  # `rnnlm diagnose --checkpoint RUN/X.pt` writes RUN/diagnose-X/
+#: the spectra a measured checkpoint's diagnostics.json keeps beside its gradient norms, so that
+#: its one record draws like a training run's
+MEASURED_KEYS = ("diag_eig", "diag_lambda", "diag_a")
 
 
 @dataclass
@@ -73,7 +80,8 @@ def load_run(path: str | Path) -> RunDiagnostics:
                     records.append(record)
     if not records and "gnorm" in summary:  # a checkpoint measured by diagnose.py
         records = [{"epoch": summary.get("epoch", 0), "diag_gnorm": summary["gnorm"],
-                    "diag_gnorm_last": summary["gnorm_last"]}]
+                    "diag_gnorm_last": summary["gnorm_last"],
+                    **{key: summary[key] for key in MEASURED_KEYS if key in summary}}]
     return RunDiagnostics(name=name, records=records, summary=summary)
 
 
@@ -222,6 +230,125 @@ def plot_gradient_norms(runs: list[RunDiagnostics], path: str | Path) -> Path:
 
 def plot_eigenvalues(runs: list[RunDiagnostics], path: str | Path) -> Path:
     return _side_by_side(runs, draw_eigenvalues, path, height=4.6)
+
+
+def _points(pairs) -> np.ndarray:
+    z = np.asarray(pairs, dtype=float).reshape(-1, 2)
+    return z[:, 0] + 1j * z[:, 1]
+
+
+def lambda_history(run: RunDiagnostics) -> tuple[list[tuple[int, dict[str, np.ndarray]]], str]:
+    """[(epoch, {panel: complex points})] from initialisation (epoch 0) through the recorded
+    epochs, and what the points are. A diagonal recurrence (records with diag_a) gives one
+    panel per layer: its exact eigenvalues where a_t does not depend on the input, else each
+    channel's mean a_t over the held-out windows. A dense W_hh gives one panel, "", holding
+    the leading eigenvalues of every block (diag_eig)."""
+    summary = run.summary
+    diagonal = [r for r in run.records if "diag_a" in r]
+    history: list[tuple[int, dict[str, np.ndarray]]] = []
+    if diagonal:
+        moving = any(layer["input_dependent"] for layer in diagonal[-1]["diag_a"].values())
+
+        def panels(lambdas: dict | None, coefficients: dict | None) -> dict[str, np.ndarray]:
+            if moving:
+                return {name: _points(c["mean"]) for name, c in (coefficients or {}).items()}
+            return {name: _points(ev) for name, ev in (lambdas or {}).items()}
+
+        initial = panels(summary.get("eig_init"), summary.get("coef_init"))
+        if initial:
+            history.append((0, initial))
+        history += [(r["epoch"], panels(r["diag_lambda"], r["diag_a"])) for r in diagonal]
+        what = ("each channel's mean a_t on held-out text" if moving
+                else "lambda of every channel (exact)")
+        return history, what
+    leading = max((len(ev) for r in run.records for ev in r.get("diag_eig", {}).values()),
+                  default=0)
+    if summary.get("eig_init") and leading:
+        history.append((0, {"": np.concatenate([_points(ev)[:leading] for ev in
+                                                summary["eig_init"].values()])}))
+    history += [(r["epoch"], {"": np.concatenate([_points(ev) for ev in
+                                                  r["diag_eig"].values()])})
+                for r in run.records if r.get("diag_eig")]
+    return history, f"{leading} leading eigenvalues per block of W_hh"
+
+
+def draw_lambda_disk(ax, history, panel: str, title: str, norm) -> None:
+    """One panel's points on the unit disk, coloured by epoch (epoch 0: initialisation)."""
+    plt = _pyplot()
+    theta = np.linspace(0, 2 * np.pi, 400)
+    ax.plot(np.cos(theta), np.sin(theta), color="black", linewidth=0.8)
+    for epoch, panels in history:
+        z = panels.get(panel, np.zeros(0, dtype=complex))
+        ax.scatter(z.real, z.imag, s=6, color=plt.cm.viridis(norm(epoch)), alpha=0.7,
+                   linewidths=0)
+    ax.set_xlim(-1.08, 1.08)
+    ax.set_ylim(-1.08, 1.08)
+    ax.set_aspect("equal")
+    ax.set_xlabel("Re")
+    ax.set_ylabel("Im")
+    ax.set_title(title, fontsize=8)
+
+
+def draw_coefficient_histograms(ax, run: RunDiagnostics, layer: str, norm) -> None:
+    """The distribution of |a_t| over the held-out windows, one line per measured epoch."""
+    plt = _pyplot()
+    measured = [(0, run.summary["coef_init"][layer])] if layer in (
+        run.summary.get("coef_init") or {}) else []
+    measured += [(r["epoch"], r["diag_a"][layer]) for r in run.records if "diag_a" in r]
+    for epoch, coefficients in _pick(measured, 6):
+        hist = np.asarray(coefficients["hist"], dtype=float)
+        edges = np.linspace(0.0, 1.0, len(hist) + 1)
+        ax.stairs(hist, edges, color=plt.cm.viridis(norm(epoch)), label=f"epoch {epoch}")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("|a_t|")
+    ax.set_ylabel("fraction of (step, lane, channel)")
+    moving = any(c["input_dependent"] for _, c in measured)
+    ax.set_title(f"layer {layer[1:]}: |a_t| over held-out text"
+                 + (" (a_t depends on the input)" if moving else " (a_t = lambda)"), fontsize=8)
+    ax.legend(fontsize=6)
+
+
+def plot_lambdas(runs: list[RunDiagnostics], path: str | Path) -> Path:
+    """Each run's eigenvalues over training (lambda_history), coloured by epoch: a row of unit
+    disks, one per layer, and for a diagonal recurrence a row of |a_t| histograms below."""
+    plt = _pyplot()
+    from matplotlib.colors import Normalize
+    from matplotlib.ticker import MaxNLocator
+
+    histories = [lambda_history(run) for run in runs]
+    rows = []  # (run, history, what, diagonal)
+    for run, (history, what) in zip(runs, histories):
+        diagonal = any("diag_a" in r for r in run.records)
+        rows.append((run, history, what, diagonal))
+    columns = max([len(h[-1][1]) if h else 1 for h, _ in histories] + [1])
+    height = sum(2 if diagonal else 1 for *_, diagonal in rows)
+    fig, axes = plt.subplots(height, columns, figsize=(3.6 * columns + 0.8, 3.7 * height),
+                             squeeze=False)
+    row = 0
+    for run, history, what, diagonal in rows:
+        epochs = [epoch for epoch, _ in history] or [0]
+        norm = Normalize(vmin=min(epochs), vmax=max(max(epochs), min(epochs) + 1))
+        panels = list(history[-1][1]) if history else []
+        for c in range(columns):
+            ax = axes[row, c]
+            if c >= len(panels):
+                ax.set_axis_off()
+                continue
+            layer = f", layer {panels[c][1:]}" if panels[c] else ""
+            draw_lambda_disk(ax, history, panels[c], f"{run.label}{layer}\n{what}", norm)
+            if diagonal:
+                draw_coefficient_histograms(axes[row + 1, c], run, panels[c], norm)
+        if diagonal:
+            for c in range(len(panels), columns):
+                axes[row + 1, c].set_axis_off()
+        mappable = plt.cm.ScalarMappable(norm=norm, cmap="viridis")
+        if panels:  # beside the row's last disk (one axes: tight_layout keeps its place)
+            bar = fig.colorbar(mappable, ax=axes[row, len(panels) - 1], shrink=0.8,
+                               label="epoch (0: initialisation)")
+            bar.locator = MaxNLocator(integer=True)
+            bar.update_ticks()
+        row += 2 if diagonal else 1
+    return _save(fig, path)
 
 
 def segments(norms: np.ndarray) -> list[tuple[int, int]]:

@@ -17,7 +17,9 @@ from rnnlm.checkpoint import load_checkpoint, model_from_checkpoint
 from rnnlm.config import ConfigError, config_from_dict, parse_override
 from rnnlm.data.corpus import load_corpus
 from rnnlm.data.iterators import BatchIterator
+from rnnlm.data.splits import split_ids
 from rnnlm.diagnostics.gradients import (
+    coefficient_summary,
     complex_pairs,
     diagnostic_batch,
     eigenvalues,
@@ -26,6 +28,7 @@ from rnnlm.diagnostics.gradients import (
     truncation_pattern,
 )
 from rnnlm.diagnostics.plots import (
+    MEASURED_KEYS,
     MEASURED_PREFIX,
     PLOT_FILE,
     SUMMARY_FILE,
@@ -36,6 +39,18 @@ from rnnlm.files import ensure_directory, write_atomic
 from rnnlm.models import LanguageModel
 
 PATTERN_BATCHES = 3  # consecutive training batches drawn in the truncation pattern
+HELDOUT_WINDOWS = 32  # windows of held-out text over which diag_a measures the coefficients
+
+
+def heldout_windows(ids: np.ndarray, cfg, count: int = HELDOUT_WINDOWS) -> torch.Tensor:
+    """Up to `count` consecutive windows (count, num_steps) of the validation split, where the
+    configuration has one long enough (ids: the whole token stream, as the corpus holds it),
+    else of the text's start, as the gradient measurement takes them."""
+    T = cfg.data.num_steps
+    part = split_ids(ids, cfg.data.split).val if cfg.data.split is not None else None
+    if part is None or len(part) < T + 1:
+        part = ids
+    return diagnostic_batch(part, max(1, min(count, (len(part) - 1) // T)), T)[0]
 
 
 def pattern_windows(batches: BatchIterator, truncation: Truncation, epoch: int,
@@ -50,9 +65,12 @@ def pattern_windows(batches: BatchIterator, truncation: Truncation, epoch: int,
 
 
 def write_summary(out_dir: Path, model: LanguageModel, cfg, epoch: int, windows,
-                  carry_state: bool, eig_init: dict | None, gnorms=None) -> Path:
-    """diagnostics.json (final eigenvalues, truncation pattern, optional gradient norms) and
-    diagnostics.png in out_dir; returns the plot's path."""
+                  carry_state: bool, eig_init: dict | None, measured: dict | None = None,
+                  coef_init: dict | None = None) -> Path:
+    """diagnostics.json (final eigenvalues, truncation pattern; for a checkpoint measured
+    after the fact its record of diag_* keys, `measured`; for a diagonal recurrence trained
+    with diagnostics its coefficients at initialisation) and diagnostics.png in out_dir;
+    returns the plot's path."""
     norms = truncation_pattern(model, windows, carry_state)
     xis = [xi for _, _, xi in windows]
     summary = {
@@ -70,8 +88,12 @@ def write_summary(out_dir: Path, model: LanguageModel, cfg, epoch: int, windows,
             "norms": [significant(row, 4) for row in norms],
         },
     }
-    if gnorms is not None:
-        summary["gnorm"], summary["gnorm_last"] = gnorms
+    if measured is not None:
+        summary["gnorm"], summary["gnorm_last"] = measured["diag_gnorm"], \
+            measured["diag_gnorm_last"]
+        summary.update({key: measured[key] for key in MEASURED_KEYS if key in measured})
+    if coef_init is not None:
+        summary["coef_init"] = coef_init
     out_dir = Path(out_dir)
     ensure_directory(out_dir)
     write_atomic(out_dir / SUMMARY_FILE, json.dumps(summary))
@@ -86,28 +108,32 @@ class DiagnosticsRecorder:
         self.cfg, self.batches, self.truncation = cfg, batches, truncation
         self.out_dir = Path(out_dir)
         self.X, self.Y = diagnostic_batch(ids, cfg.data.batch_size, cfg.data.num_steps)
-        self.eig_init = eigenvalues(model)  # before the first step: where training starts
+        self.heldout = heldout_windows(ids, cfg)
+        # before the first step: where training starts (after a resume: the checkpoint)
+        self.eig_init = eigenvalues(model)
+        self.coef_init = coefficient_summary(model, self.heldout)  # None for a dense W_hh
 
     def epoch_record(self, model: LanguageModel, epoch: int) -> dict:
         """diag_* keys for this epoch's metrics record ({} when not due)."""
         every, last = self.cfg.train.diagnostics_every, self.cfg.train.epochs
         if (epoch + 1) % every and epoch + 1 != last:
             return {}
-        return epoch_record(model, self.X, self.Y)
+        return epoch_record(model, self.X, self.Y, self.heldout)
 
     def finish(self, model: LanguageModel, epoch: int) -> Path:
         """Truncation pattern of the last epoch's first batches, diagnostics.json, the plot."""
         windows = pattern_windows(self.batches, self.truncation, epoch,
                                   dtype=model.output.weight.dtype)
         return write_summary(self.out_dir, model, self.cfg, epoch + 1, windows,
-                             self.batches.carries_state, self.eig_init)
+                             self.batches.carries_state, self.eig_init,
+                             coef_init=self.coef_init)
 
 
 def measure_checkpoint_model(model: LanguageModel, cfg, ids: np.ndarray, out_dir: Path,
                              epoch: int) -> tuple[Path, dict]:
     """diagnose.py's work: every measurement on a trained model, written into out_dir."""
     X, Y = diagnostic_batch(ids, cfg.data.batch_size, cfg.data.num_steps)
-    record = epoch_record(model, X, Y)
+    record = epoch_record(model, X, Y, heldout_windows(ids, cfg))
     batches = BatchIterator(ids, cfg.data.batch_size, cfg.data.num_steps, cfg.data.iterator,
                             seed=cfg.seed, variable_length=variable_length_of(cfg.train))
     truncation = Truncation.from_config(cfg)
@@ -115,7 +141,7 @@ def measure_checkpoint_model(model: LanguageModel, cfg, ids: np.ndarray, out_dir
     windows = pattern_windows(batches, truncation, max(epoch - 1, 0),
                               dtype=model.output.weight.dtype)
     plot = write_summary(out_dir, model, cfg, epoch, windows, batches.carries_state, None,
-                         gnorms=(record["diag_gnorm"], record["diag_gnorm_last"]))
+                         measured=record)
     return plot, record
 
 
@@ -158,4 +184,8 @@ def format_record(record: dict) -> str:
              f"{last[0]:.3g} / {last[len(last) // 2]:.3g} / {last[-1]:.3g}",
              "spectral radius of W_hh: " + ", ".join(
                  f"{name} {rho:.3f}" for name, rho in record["diag_rho"].items())]
+    if "diag_a" in record:
+        lines.append("largest |a_t| on held-out text: " + ", ".join(
+            f"{name} {a['max']:.4f}" + (" (input-dependent)" if a["input_dependent"] else "")
+            for name, a in record["diag_a"].items()))
     return "\n".join(lines)
