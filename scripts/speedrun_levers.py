@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
-import time
 
 import torch
 
@@ -27,11 +26,8 @@ from rnnlm.data.corpus import load_corpus
 from rnnlm.data.iterators import BatchIterator
 from rnnlm.models import build_model
 from rnnlm.models.base import keep_mask
-from rnnlm.tools.bench import median_seconds
-from rnnlm.training.averaging import WeightAverage
-from rnnlm.training.epoch import train_epoch
-from rnnlm.training.run import make_optimizer, run_threads, seed_everything
-from rnnlm.training.step import forward_backward
+from rnnlm.tools.bench import median_seconds, time_training_steps
+from rnnlm.training.run import make_optimizer, seed_everything
 
 OLD, NEW = "configs/heldout_lstm_spaced.yaml", "configs/speedrun.yaml"
 # (label, config, overrides): each row adds one change to the row above it
@@ -52,24 +48,10 @@ def tokens_per_s(config: str, overrides: list[str], batches: int) -> float:
     corpus = load_corpus(cfg.data)
     model = build_model(cfg.model, len(corpus.vocab), cfg.train)
     optimizer = make_optimizer(cfg, model)
-    average = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
     data = BatchIterator(corpus.splits.train, cfg.data.batch_size, cfg.data.num_steps,
                          cfg.data.iterator, seed=cfg.seed)
     warm, batch_list = 3, list(itertools.islice(data.epoch(0), 3 + batches))
-    marks = []
-
-    def step_done():
-        if average is not None:
-            average.update(model)
-        marks.append(time.perf_counter())
-
-    def step(*args, **kwargs):
-        return forward_backward(*args, **kwargs, precision=cfg.train.precision)
-
-    with run_threads(cfg.train.threads, 1):
-        train_epoch(model, iter(batch_list), optimizer, cfg.train.clip_norm, True,
-                    torch.device("cpu"), step=step, on_step=step_done)
-    seconds = marks[-1] - marks[warm - 1]
+    seconds = time_training_steps(cfg, model, optimizer, batch_list, warm)
     return batches * cfg.data.batch_size * cfg.data.num_steps / seconds
 
 

@@ -1,10 +1,13 @@
 """`rnnlm bench` (and bench.py): training and generation speed of the book presets against
 the D2L reference (the benchmark itself is rnnlm.tools.bench); `rnnlm bench speedrun`: the
-time from a training command's start to a held-out perplexity target (rnnlm.tools.speedrun).
+time from a training command's start to a held-out perplexity target (rnnlm.tools.speedrun);
+`rnnlm bench probe`: held-out recall accuracy after a gap of K characters, per model kind
+(rnnlm.tools.probe).
 
-speedrun is an optional sub-command rather than an option: its arguments (the configs to time,
---target) mean nothing to the preset benchmark and the preset benchmark's mean nothing to it,
-so each has its own --help, and `rnnlm bench --presets ...` parses exactly as before."""
+speedrun and probe are optional sub-commands rather than options: their arguments (the configs
+to time, --target; the kinds and gaps) mean nothing to the preset benchmark and the preset
+benchmark's mean nothing to them, so each has its own --help, and `rnnlm bench --presets ...`
+parses exactly as before."""
 
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ Each --variant adds, per preset, a row trained with those overrides (comma-separ
 its speed relative to the preset's own row, measured in the same rounds, and its perplexity.
 
 `{prog} speedrun [CONFIG ...]` times training commands to a validation perplexity
-target instead: see `{prog} speedrun --help`."""
+target instead: see `{prog} speedrun --help`. `{prog} probe` measures how far back each
+model kind recalls a character: see `{prog} probe --help`."""
 FORMATTER = argparse.RawDescriptionHelpFormatter
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS_PAGE = ROOT / "docs" / "benchmarks.md"
@@ -65,24 +69,60 @@ exits 1.
 
     {prog}    # the default recipes, one round
     {prog} configs/heldout_lstm_spaced.yaml configs/speedrun.yaml --rounds 3
-    {prog} configs/heldout_lstm_spaced.yaml --target 3.8 --set train.threads=2"""
+    {prog} configs/heldout_lstm_spaced.yaml --target 3.8 --set train.threads=2
+    {prog} configs/heldout_lstm_spaced.yaml configs/lru.yaml --budget 600
+
+With --budget SECONDS the recipes get equal wall time instead: each run is stopped (SIGTERM;
+the trainer saves last.pt and exits) when its clock passes SECONDS, and the table gives, from
+the records written within the budget, the epochs completed, the best validation perplexity
+and its epoch, and the test perplexity of those weights (the trainer's own test record when it
+scored them, else best.pt scored after the stop when it holds them, else n/a)."""
+
+PROBE = "probe"
+# the defaults of rnnlm.tools.probe, repeated here because this module may not import torch
+PROBE_KINDS = ["rnn", "lstm", "gru", "lru", "mingru"]
+PROBE_GAPS = [10, 30, 100, 300, 1000, 3000]
+PROBE_DESCRIPTION = """\
+A long-dependency probe: held-out recall accuracy after a gap of K characters, for each model
+kind, with the same window length, the same training tokens and about the same parameter count.
+
+The text is one segment per line: a key (one of a-h), K random digits, "?", the key again
+("c8274019?c" for K = 7). Only the character after "?" depends on the past, and only on the
+key K + 1 steps back; the score is how often the model's most likely character there is the
+key (chance 1/8). For each K, every kind trains once through the normal trainer on a freshly
+generated text of --tokens characters (one pass, sequential iteration, the state carried
+from window to window and truncated at every window boundary, --window steps), and is scored
+on --recalls held-out segments from another seed. From K = window - 1 on, no gradient ever
+connects a recall to its key: the carried state is the only bridge.
+
+    {prog}                       # the five kinds, K = 10 ... 3,000: 10-15 minutes
+    {prog} --kinds lstm lru --gaps 10 100 1000 --tokens 300000
+    {prog} --write docs/probe.md --plot docs/probe.png --set train.lr=0.001
+
+Prints a markdown table (accuracy per kind and K, width, parameters, seconds per run); exits 1
+when a run diverged (its cells say so), 2 on bad input."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_preset_arguments(parser)
     # argparse would print the optional sub-command at the end of the preset benchmark's usage
-    # as if it were required: the usage names the two forms instead, one line each
+    # as if it were required: the usage names each form instead, one line each
     presets_usage = parser.format_usage().removeprefix("usage: ").rstrip()
-    modes = parser.add_subparsers(dest="mode", title="sub-command (optional)",
-                                  metavar=f"{SPEEDRUN} [CONFIG ...] [options]",
-                                  help="time training commands to a held-out perplexity "
-                                       f"target instead (see: {SPEEDRUN} --help)")
-    speedrun = modes.add_parser(SPEEDRUN, formatter_class=FORMATTER)
+    modes = parser.add_subparsers(dest="mode", title="sub-commands (optional)",
+                                  metavar=f"{{{SPEEDRUN},{PROBE}}} ...")
+    speedrun = modes.add_parser(SPEEDRUN, formatter_class=FORMATTER,
+                                help="time training commands to a held-out perplexity "
+                                     f"target instead (see: {SPEEDRUN} --help)")
     speedrun.description = SPEEDRUN_DESCRIPTION.format(prog=speedrun.prog)
     add_speedrun_arguments(speedrun)
-    # both as argparse wraps them: the second starts where the first's "usage: " ends
-    speedrun_usage = speedrun.format_usage().removeprefix("usage: ").rstrip()
-    parser.usage = f"{presets_usage}\n       {speedrun_usage}"
+    probe = modes.add_parser(PROBE, formatter_class=FORMATTER,
+                             help="held-out recall accuracy after a gap of K characters, per "
+                                  f"model kind (see: {PROBE} --help)")
+    probe.description = PROBE_DESCRIPTION.format(prog=probe.prog)
+    add_probe_arguments(probe)
+    # each as argparse wraps it: the later ones start where the first's "usage: " ends
+    usages = [sub.format_usage().removeprefix("usage: ").rstrip() for sub in (speedrun, probe)]
+    parser.usage = "\n       ".join([presets_usage, *usages])
 
 
 def add_preset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,23 +161,63 @@ def add_speedrun_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the runs (out_dirs NAME-roundK and their stdout and stderr) "
                              "in DIR, which must not hold runs of the same names (default: a "
                              "temporary folder, deleted)")
+    parser.add_argument("--budget", type=float, metavar="SECONDS",
+                        help="equal wall time: stop every run when its clock (from its launch) "
+                             "passes SECONDS, and report what it reached within them: epochs, "
+                             "best validation perplexity, the test perplexity of those weights")
     parser.add_argument("--write", metavar="FILE",
                         help="also write the report into this markdown file, in its speedrun "
                              "section (the rest of the file is kept)")
 
 
+def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kinds", nargs="+", default=PROBE_KINDS, metavar="KIND",
+                        help="model kinds to train (default: " + " ".join(PROBE_KINDS) + ")")
+    parser.add_argument("--gaps", nargs="+", type=int, default=PROBE_GAPS, metavar="K",
+                        help="gaps: filler characters between key and marker (default: "
+                             + " ".join(map(str, PROBE_GAPS)) + ")")
+    parser.add_argument("--tokens", type=int, default=1_200_000, metavar="N",
+                        help="training characters per run, every kind and gap: the budget "
+                             "(default 1,200,000; one pass)")
+    parser.add_argument("--window", type=int, default=64, metavar="T",
+                        help="window length data.num_steps, every kind (default 64)")
+    parser.add_argument("--params", type=int, default=150_000, metavar="P",
+                        help="each kind's width is chosen for the parameter count closest to "
+                             "this (default 150,000)")
+    parser.add_argument("--recalls", type=int, default=200, metavar="R",
+                        help="held-out recalls (segments) scored per gap (default 200)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the texts and of every run (default 0)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change the training recipe for every run, e.g. --set "
+                             "train.lr=0.001 (repeatable)")
+    parser.add_argument("--write", metavar="FILE",
+                        help="also write the report into this markdown file, in its probe "
+                             "section (the rest of the file is kept)")
+    parser.add_argument("--plot", metavar="FILE",
+                        help="draw accuracy against K (one line per kind) into this PNG file")
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.mode == SPEEDRUN:
-        before = args.invocation.argv[:list(args.invocation.argv).index(SPEEDRUN)]
+    if args.mode in (SPEEDRUN, PROBE):
+        before = args.invocation.argv[:list(args.invocation.argv).index(args.mode)]
         if before:
             # argparse lets the sub-command's defaults replace what was given before it
             from rnnlm.errors import ConfigError
             raise ConfigError(f"{' '.join(before)}: the preset benchmark's options do not "
-                              f"apply to speedrun; give speedrun's options after it")
+                              f"apply to {args.mode}; give {args.mode}'s options after it")
+    if args.mode == PROBE:
+        from rnnlm.tools.probe import Options, probe
+
+        options = Options(kinds=tuple(args.kinds), gaps=tuple(args.gaps), tokens=args.tokens,
+                          window=args.window, params=args.params, recalls=args.recalls,
+                          seed=args.seed, sets=tuple(args.set))
+        return probe(options, args.invocation.line, args.write, args.plot)
+    if args.mode == SPEEDRUN:
         from rnnlm.tools.speedrun import speedrun
 
         return speedrun(args.configs, args.target, args.rounds, args.set, args.keep,
-                        args.invocation.line, args.write)
+                        args.invocation.line, args.write, args.budget)
     from rnnlm.tools.bench import benchmark
 
     return benchmark(args, args.invocation.line)

@@ -69,6 +69,34 @@ def median_seconds(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def time_training_steps(cfg, model, optimizer, batch_list: list, warm: int = 1) -> float:
+    """Seconds the trainer's own epoch loop (rnnlm.training.epoch.train_epoch: the run's step
+    in cfg's precision, clipping, the optimizer and the weight average after every step, the
+    state carried) takes on the CPU with cfg's threads over `batch_list` after its first
+    `warm` batches: the measurement the speed scripts share."""
+    from rnnlm.training.averaging import WeightAverage
+    from rnnlm.training.epoch import train_epoch
+    from rnnlm.training.run import run_threads
+    from rnnlm.training.step import forward_backward
+
+    average = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    precision = resolve_precision(cfg, torch.device("cpu"))
+    marks: list[float] = []
+
+    def step_done() -> None:
+        if average is not None:
+            average.update(model)
+        marks.append(time.perf_counter())
+
+    def step(*args, **kwargs):
+        return forward_backward(*args, **kwargs, precision=precision)
+
+    with run_threads(cfg.train.threads, 1):
+        train_epoch(model, iter(batch_list), optimizer, cfg.train.clip_norm, True,
+                    torch.device("cpu"), step=step, on_step=step_done)
+    return marks[-1] - marks[warm - 1]
+
+
 @scripted
 def _batch_matmuls(h: torch.Tensor, w_f: torch.Tensor, w_b: torch.Tensor, dgates: torch.Tensor,
                    window_h: torch.Tensor, window_g: torch.Tensor, x_in: torch.Tensor,

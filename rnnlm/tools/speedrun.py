@@ -10,6 +10,14 @@ only) and stamps each record with the moment it first saw it; the time to target
 of the first epoch record whose val_ppl is <= the target (`summarise`). The run goes on to its
 end, for its best validation and test perplexity and its whole wall time.
 
+With a budget (`--budget SECONDS`) every recipe gets the same wall time instead: a child still
+running when its clock passes the budget is stopped (SIGTERM: the trainer finishes its batch,
+saves last.pt and exits), and only the records stamped within the budget count
+(`summarise`'s `budget`): the epochs reached, the best validation perplexity, the time to
+target. The test perplexity reported is that of the weights with the best validation within
+the budget (`budget_test`): the trainer's own test record when it scored those weights, else
+best.pt scored here on the test split when best.pt holds them, else none.
+
 Several recipes run in turns, round after round, in alternating order (`round_order`: A B,
 then B A, ...), because this machine's speed drifts over minutes; each recipe's time relative
 to the first recipe's is taken within each round and the median reported (`report`).
@@ -19,6 +27,7 @@ to the first recipe's is taken within each round and the median reported (`repor
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -34,8 +43,9 @@ from rnnlm.config import Config, ConfigError, load_config
 from rnnlm.data.corpus import load_corpus
 from rnnlm.files import ensure_directory
 from rnnlm.models import MODEL_KINDS
+from rnnlm.models.linear_recurrent import LinearRecurrentLM
 from rnnlm.tools.bench import flops_per_token, machine_line, median_or_none, write_section
-from rnnlm.tools.compare import stop_child
+from rnnlm.tools.compare import STOP_GRACE_S, stop_child
 
 # The folder that holds this rnnlm package: the child runs `python -m rnnlm train` with it on
 # its path, so it times this very code, from a checkout or from an installed package.
@@ -67,6 +77,8 @@ class Timing:
     best_val_ppl: float | None = None
     test_ppl: float | None = None
     epochs: int = 0
+    best_epoch: int | None = None  # the epoch of best_val_ppl
+    stopped_s: float | None = None  # when the budget stopped it (None: it ended by itself)
     error: str | None = None  # one line, when the child failed
     stamped: list[tuple[float, dict]] = field(default_factory=list, repr=False)
 
@@ -107,19 +119,27 @@ class MetricsTail:
         return new
 
 
-def summarise(stamped: list[tuple[float, dict]], target: float) -> dict:
+def summarise(stamped: list[tuple[float, dict]], target: float,
+              budget: float | None = None) -> dict:
     """What the stamped records of one run say: when and at which epoch the validation
     perplexity first reached `target` (None: never), the median training tokens/s over the
-    epochs, the best validation and the test perplexity, the number of epochs."""
-    epochs = [(t, r) for t, r in stamped if "epoch" in r and r.get("event") is None]
+    epochs, the best validation perplexity and its epoch, the test perplexity, the number of
+    epochs. With a `budget`, only the epoch records stamped at or before it count, and the
+    test perplexity is given only when the trainer's test record scored the weights of the
+    best validation within the budget (the caller may find them in best.pt instead)."""
+    epochs = [(t, r) for t, r in stamped if "epoch" in r and r.get("event") is None
+              and (budget is None or t <= budget)]
     reached = next(((t, r["epoch"]) for t, r in epochs
                     if r.get("val_ppl") is not None and r["val_ppl"] <= target), (None, None))
-    vals = [r["val_ppl"] for _, r in epochs if r.get("val_ppl") is not None]
-    tests = [r["test_ppl"] for _, r in stamped if r.get("event") == "test"]
+    validated = [(r["val_ppl"], r["epoch"]) for _, r in epochs if r.get("val_ppl") is not None]
+    best = min(validated, key=lambda v: v[0]) if validated else (None, None)
+    tests = [r for _, r in stamped if r.get("event") == "test"]
+    if budget is not None:  # a test of other weights than the best within the budget: none
+        tests = [r for r in tests if r.get("weights_epoch") == best[1]]
     return {"reached_s": reached[0], "reached_epoch": reached[1],
             "tokens_per_s": median_or_none([r.get("tokens_per_s") for _, r in epochs]),
-            "best_val_ppl": min(vals) if vals else None,
-            "test_ppl": tests[-1] if tests else None, "epochs": len(epochs)}
+            "best_val_ppl": best[0], "best_epoch": best[1],
+            "test_ppl": tests[-1]["test_ppl"] if tests else None, "epochs": len(epochs)}
 
 
 def train_command(config: str, out_dir: Path, sets: list[str]) -> list[str]:
@@ -132,9 +152,10 @@ def train_command(config: str, out_dir: Path, sets: list[str]) -> list[str]:
 
 
 def time_run(recipe: Recipe, round_no: int, out_dir: Path, sets: list[str], target: float,
-             poll_s: float = POLL_S) -> Timing:
-    """Run one recipe's training command to its end and time it (see the module docstring).
-    Its stdout and stderr go to files beside out_dir (NAME.stdout, NAME.stderr)."""
+             budget: float | None = None, poll_s: float = POLL_S) -> Timing:
+    """Run one recipe's training command to its end, or until `budget` seconds from its
+    launch, and time it (see the module docstring). Its stdout and stderr go to files beside
+    out_dir (NAME.stdout, NAME.stderr)."""
     timing = Timing(recipe.name, round_no, out_dir)
     tail = MetricsTail(out_dir / "metrics.jsonl")
     path = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))
@@ -155,19 +176,48 @@ def time_run(recipe: Recipe, round_no: int, out_dir: Path, sets: list[str], targ
                 tail.poll(now)  # after the exit too: the last records it wrote
                 if exited:
                     break
+                if budget is not None and now > budget and timing.stopped_s is None:
+                    # SIGTERM: the trainer saves last.pt and exits; the loop goes on reading
+                    # until it has, and the records written from now on do not count
+                    timing.stopped_s = now
+                    child.terminate()
+                elif timing.stopped_s is not None and now > timing.stopped_s + STOP_GRACE_S:
+                    child.kill()  # a batch or a save that takes this long will not end
         except KeyboardInterrupt:
             stop_child(child, terminate=False)  # it got the Ctrl-C too and is saving last.pt
             raise
     timing.wall_s, timing.stamped = now, tail.stamped
-    for key, value in summarise(tail.stamped, target).items():
+    for key, value in summarise(tail.stamped, target, budget).items():
         setattr(timing, key, value)
-    if child.returncode != 0:
+    # stopped by the budget, the trainer exits 128 + SIGTERM: not a failure
+    stopped_as_asked = timing.stopped_s is not None and child.returncode in (0, -15, 143)
+    if child.returncode != 0 and not stopped_as_asked:
         lines = [line for line in stderr_path.read_text(errors="replace").splitlines()
                  if line.strip()]
         timing.error = f"exit {child.returncode}: {lines[-1] if lines else 'no message'}"
         if len(lines) > 1:  # a traceback: its last lines, above the one-line summary
             print("\n".join("    " + line for line in lines[-STDERR_TAIL:]), file=sys.stderr)
+    elif budget is not None and timing.test_ppl is None and timing.best_epoch is not None:
+        timing.test_ppl = budget_test(out_dir / "best.pt", timing.best_epoch)
     return timing
+
+
+def budget_test(best_pt: Path, epoch: int) -> float | None:
+    """The test perplexity of best.pt when it holds the weights after `epoch` (the best
+    validation within the budget), scored as the trainer scores its test split (the averaged
+    weights when the run keeps an average, the config's eval_lanes); None when best.pt is
+    missing or holds other weights (an epoch that ended after the budget, while the child
+    was stopping, may have written it)."""
+    if not best_pt.exists():
+        return None
+    from rnnlm.evaluation.scoring import heldout_ids, load_scored, score
+
+    scored = load_scored([str(best_pt)], torch.device("cpu"))
+    if scored[0].epoch != epoch:
+        return None
+    ids, _ = heldout_ids(scored, "test")
+    alone, _ = score(scored, ids, scored[0].cfg.data.eval_lanes, torch.device("cpu"))
+    return float(alone[0].ppl)
 
 
 def round_order(recipes: list, rounds: int) -> list[list]:
@@ -189,9 +239,10 @@ def unique_names(configs: list[str]) -> list[str]:
 
 def model_flops(cfg: Config, vocab: int) -> float | None:
     """Matmul FLOPs of one training token of cfg's model (rnnlm.tools.bench.flops_per_token);
-    None for a kind that formula does not know."""
+    None for a kind that formula does not know: it counts a W_hh cell's products, and the
+    linear recurrences (diagonal, with projections and an MLP per block) have none."""
     m = cfg.model
-    if m.kind not in MODEL_KINDS:
+    if m.kind not in MODEL_KINDS or issubclass(MODEL_KINDS[m.kind], LinearRecurrentLM):
         return None
     return flops_per_token(m.kind, m.hidden_size, m.num_layers, vocab, m.embedding_dim or vocab)
 
@@ -212,19 +263,23 @@ def prepare(configs: list[str], sets: list[str], root: Path) -> list[Recipe]:
     return recipes
 
 
-def check_options(target: float, rounds: int) -> None:
+def check_options(target: float, rounds: int, budget: float | None = None) -> None:
     if not target > 0:
         raise ConfigError(f"--target must be a perplexity > 0, got {target}")
     if rounds < 1:
         raise ConfigError(f"--rounds must be >= 1, got {rounds}")
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise ConfigError(f"--budget must be a number of seconds > 0, got {budget}")
 
 
 def speedrun(configs: list[str], target: float, rounds: int, sets: list[str],
-             keep: str | None, command: str, write: str | None = None) -> int:
-    """Time every config (`rounds` rounds in turns), print the report on stdout (progress on
-    stderr), write it into `write` (a markdown file, its `speedrun` section) when given;
-    0 when every run finished, 1 when one failed (it is reported, the others go on)."""
-    check_options(target, rounds)
+             keep: str | None, command: str, write: str | None = None,
+             budget: float | None = None) -> int:
+    """Time every config (`rounds` rounds in turns), each stopped at `budget` seconds from
+    its launch when given, print the report on stdout (progress on stderr), write it into
+    `write` (a markdown file, its `speedrun` section) when given; 0 when every run finished,
+    1 when one failed (it is reported, the others go on)."""
+    check_options(target, rounds, budget)
     with tempfile.TemporaryDirectory(prefix="rnnlm-speedrun-") as tmp:
         root = Path(keep) if keep else Path(tmp)
         recipes = prepare(configs, sets, root)
@@ -241,14 +296,17 @@ def speedrun(configs: list[str], target: float, rounds: int, sets: list[str],
             for recipe in recipes_in_turn:
                 label = f"[{len(timings) + 1}/{runs}] round {k}: {recipe.name}"
                 print(f"{label} ...", file=sys.stderr, flush=True)
-                timing = time_run(recipe, k, root / f"{recipe.name}-round{k}", sets, target)
+                out_dir = root / f"{recipe.name}-round{k}"
+                timing = (time_run(recipe, k, out_dir, sets, target, budget) if budget
+                          else time_run(recipe, k, out_dir, sets, target))
                 timings.append(timing)
                 print(f"{label}: {describe(timing, target)}", file=sys.stderr, flush=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    text = report(recipes, timings, target, rounds, machine_line(device), command)
+    text = report(recipes, timings, target, rounds, machine_line(device), command, budget)
     print(text)
     if write:
-        write_section(Path(write), "speedrun" + "".join(f" {item}" for item in sets), text)
+        section = "speedrun" + (f" budget {budget:g}" if budget else "")
+        write_section(Path(write), section + "".join(f" {item}" for item in sets), text)
     return 1 if any(t.error for t in timings) else 0
 
 
@@ -259,6 +317,10 @@ def describe(timing: Timing, target: float) -> str:
     reached = (f"val ppl <= {target:g} after {timing.reached_s:.1f} s (epoch "
                f"{timing.reached_epoch})" if timing.reached_s is not None
                else f"val ppl <= {target:g} not reached")
+    if timing.stopped_s is not None:
+        best = fmt_number(timing.best_val_ppl, ".3f")
+        return (f"{reached}; stopped at the budget after {timing.stopped_s:.1f} s, "
+                f"{timing.epochs} epochs within it, best val ppl {best}")
     return f"{reached}; whole run {timing.wall_s:.1f} s, {timing.epochs} epochs"
 
 
@@ -280,9 +342,12 @@ def spread(values: list, spec: str) -> str:
 
 
 def report(recipes: list[Recipe], timings: list[Timing], target: float, rounds: int,
-           machine: str, command: str) -> str:
+           machine: str, command: str, budget: float | None = None) -> str:
     """The machine, the command line, one table row per recipe (medians over its rounds)
-    and each recipe's time relative to the first recipe's, ratios taken within rounds."""
+    and each recipe's time relative to the first recipe's, ratios taken within rounds;
+    with a budget, `budget_report`'s table instead."""
+    if budget is not None:
+        return budget_report(recipes, timings, target, rounds, machine, command, budget)
     head = (f"| recipe | time to val ppl <= {target:g} | epoch | tokens/s | GFLOP/s | "
             f"best val ppl | test ppl | whole run |")
     lines = [head, "|" + "---|" * 8]
@@ -343,3 +408,55 @@ def relative_times(recipes: list[Recipe], timings: list[Timing]) -> list[str]:
         notes.append(f"{recipe.name}: {statistics.median(ratios):.2f}x the time of "
                      f"{first}{ranged}")
     return notes
+
+
+def budget_report(recipes: list[Recipe], timings: list[Timing], target: float, rounds: int,
+                  machine: str, command: str, budget: float) -> str:
+    """The report of runs under a wall-time budget: per recipe (medians over its rounds) the
+    epochs completed within the budget, the best validation perplexity within it and its
+    epoch, the test perplexity of those weights, tokens/s, the time to target when reached
+    within the budget, and how the run ended (stopped at the budget, or by itself)."""
+    lines = [f"| recipe | epochs within {budget:g} s | best val ppl | at epoch | test ppl | "
+             f"tokens/s | GFLOP/s | time to val ppl <= {target:g} | run ended |",
+             "|" + "---|" * 9]
+    for recipe in recipes:
+        mine = [t for t in timings if t.recipe == recipe.name]
+        ok = [t for t in mine if not t.error]
+        if not ok:
+            lines.append(f"| {recipe.name} | failed |" + " – |" * 7)
+            continue
+        reached = [t.reached_s for t in ok if t.reached_s is not None]
+        time_cell = seconds(reached) if reached else "not reached"
+        if reached and len(reached) < len(mine):
+            time_cell += f", reached in {len(reached)} of {len(mine)} rounds"
+        stopped = [t.stopped_s for t in ok if t.stopped_s is not None]
+        ended = [t.wall_s for t in ok if t.stopped_s is None]
+        how_ended = "; ".join(filter(None, [
+            stopped and f"stopped at {seconds(stopped)}" + rounds_of(stopped, mine),
+            ended and f"by itself at {seconds(ended)}" + rounds_of(ended, mine)]))
+        speed = median_or_none([t.tokens_per_s for t in ok])
+        gflops = speed and recipe.flops_per_token and speed * recipe.flops_per_token / 1e9
+        lines.append(
+            f"| {recipe.name} | {spread([t.epochs for t in ok], 'd')} "
+            f"| {fmt_number(median_or_none([t.best_val_ppl for t in ok]), '.3f')} "
+            f"| {spread([t.best_epoch for t in ok if t.best_epoch is not None], 'd')} "
+            f"| {fmt_number(median_or_none([t.test_ppl for t in ok]), '.3f')} "
+            f"| {fmt_number(speed, ',.0f')} | {fmt_number(gflops, '.1f')} "
+            f"| {time_cell} | {how_ended} |")
+    failures = [f"- {t.recipe} round {t.round} failed: {t.error}" for t in timings if t.error]
+    over = f"median over {rounds} rounds taken in turns (range)" if rounds > 1 else "one round"
+    how = (f"each run stopped (SIGTERM) when its clock, from the launch of `python -m rnnlm "
+           f"train`, passed {budget:g} s; only the metrics.jsonl records the parent saw "
+           f"within {budget:g} s count (polled every {POLL_S:g} s), {over}; best val ppl: the "
+           f"lowest validation perplexity within the budget; test ppl: the test perplexity of "
+           f"those weights (the trainer's own test record, or best.pt scored after the stop; "
+           f"n/a when neither holds them); tokens/s: training tokens/s, median over the epochs "
+           f"within the budget; run ended: when the budget stopped it or it ended by itself, "
+           f"seconds from launch")
+    return "\n".join([f"Machine: {machine}.", f"Command: `{command.strip()}` ({how}).", "",
+                      *lines, *([""] + failures if failures else [])])
+
+
+def rounds_of(values: list, runs: list) -> str:
+    """", in 2 of 3 rounds" when not every run ended this way."""
+    return f", in {len(values)} of {len(runs)} rounds" if len(values) < len(runs) else ""

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from rnnlm.tools import speedrun as sr
@@ -41,7 +42,7 @@ def test_the_first_record_at_or_under_the_target_gives_the_time_and_epoch():
                (6.0, {"event": "test", "weights_epoch": 4, "test_ppl": 3.7})]
     got = sr.summarise(stamped, target=3.6)
     assert got == {"reached_s": 4.0, "reached_epoch": 3, "tokens_per_s": 250.0,
-                   "best_val_ppl": 3.5, "test_ppl": 3.7, "epochs": 4}
+                   "best_val_ppl": 3.5, "best_epoch": 4, "test_ppl": 3.7, "epochs": 4}
     never = sr.summarise(stamped, target=3.0)
     assert never["reached_s"] is None and never["reached_epoch"] is None
     assert never["best_val_ppl"] == 3.5  # the rest of the figures are there all the same
@@ -206,3 +207,98 @@ def test_options_of_the_preset_benchmark_before_speedrun_are_refused():
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: --rounds 5: the preset benchmark's options do not "
                                    "apply to speedrun; give speedrun's options after it")
+
+
+# ---------------------------------------------------------------------------- --budget
+
+
+def test_within_a_budget_only_the_records_stamped_before_it_count():
+    stamped = [(2.0, record(1, 8.0, 100.0)), (4.0, record(2, 3.7, 300.0)),
+               (6.0, record(3, 3.5, 900.0)),  # after the budget: the run was being stopped
+               (7.0, {"event": "test", "weights_epoch": 3, "test_ppl": 3.4})]
+    got = sr.summarise(stamped, target=3.6, budget=5.0)
+    assert got == {"reached_s": None, "reached_epoch": None, "tokens_per_s": 200.0,
+                   "best_val_ppl": 3.7, "best_epoch": 2, "test_ppl": None, "epochs": 2}
+    # the trainer's test scored the best weights within the budget: it is theirs
+    tested = [*stamped[:2], (4.5, {"event": "test", "weights_epoch": 2, "test_ppl": 3.9})]
+    assert sr.summarise(tested, 3.6, budget=5.0)["test_ppl"] == 3.9
+    # without a budget everything counts, as before
+    assert sr.summarise(stamped, 3.6)["best_val_ppl"] == 3.5
+    assert sr.summarise(stamped, 3.6)["test_ppl"] == 3.4
+
+
+def test_the_budget_report_gives_epochs_best_val_test_and_how_each_run_ended():
+    recipes = [sr.Recipe("lstm", "lstm.yaml", 2e6), sr.Recipe("lru", "lru.yaml")]
+    stopped = sr.Timing("lru", 1, Path("/nowhere"), wall_s=61.0, tokens_per_s=500.0,
+                        best_val_ppl=3.8, best_epoch=3, test_ppl=None, epochs=3,
+                        stopped_s=60.1)
+    ended = sr.Timing("lstm", 1, Path("/nowhere"), wall_s=40.0, reached_s=30.0,
+                      reached_epoch=2, tokens_per_s=1000.0, best_val_ppl=3.5, best_epoch=2,
+                      test_ppl=3.6, epochs=2)
+    text = sr.report(recipes, [ended, stopped], 3.6, 1, "m", "c --budget 60", budget=60.0)
+    assert "| recipe | epochs within 60 s | best val ppl | at epoch | test ppl |" in text
+    assert row(text, "lstm") == ["lstm", "2", "3.500", "2", "3.600", "1,000", "2.0", "30.0 s",
+                                 "by itself at 40.0 s"]
+    assert row(text, "lru") == ["lru", "3", "3.800", "3", "n/a", "500", "n/a", "not reached",
+                                "stopped at 60.1 s"]
+
+
+def test_a_real_run_is_stopped_at_the_budget_and_scored_on_its_best_weights(tiny_config,
+                                                                             tmp_path):
+    """A run of many epochs and a budget of a few seconds: it is stopped (not a failure),
+    counts only the epochs before the budget, and its test perplexity is that of best.pt,
+    which holds the best validation within the budget."""
+    long = tiny_config("long", epochs=200, checkpoint_every=0)
+    proc = speedrun_cli(long, "--target", 1.01, "--budget", 12, "--keep", tmp_path / "kept")
+    assert proc.returncode == 0, proc.stderr
+    cells = row(proc.stdout, "long")
+    assert cells[-1].startswith("stopped at ")
+    stopped_at = float(cells[-1].split()[2])
+    assert 12 <= stopped_at < 13
+    records = [json.loads(line) for line in
+               (tmp_path / "kept" / "long-round1" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r.get("val_ppl") is not None]
+    assert 1 <= int(cells[1]) <= len(epochs) < 200  # stopped long before its end
+    assert not any(r.get("event") == "test" for r in records)  # the trainer never got there
+    within = epochs[:int(cells[1])]
+    best = min(within, key=lambda r: r["val_ppl"])
+    assert cells[2:4] == [f"{best['val_ppl']:.3f}", str(best["epoch"])]
+    # scored from best.pt after the stop; n/a only when an epoch that ended while the child
+    # was stopping wrote a better best.pt (the weights of the best within the budget are gone)
+    saved = torch.load(tmp_path / "kept" / "long-round1" / "best.pt", weights_only=False)
+    if saved["progress"]["epoch"] == best["epoch"]:
+        assert 1 < float(cells[4]) < 40
+    else:
+        assert cells[4] == "n/a" and saved["progress"]["epoch"] > best["epoch"]
+
+
+def test_best_pt_is_scored_as_the_trainer_scores_its_test_split(tiny_config, tmp_path):
+    """budget_test on a finished run's best.pt gives the trainer's own test perplexity (the
+    same averaged weights, lanes and split), and nothing for another epoch's weights."""
+    from rnnlm.training.run import train
+
+    path = tiny_config("ema", ema_decay=0.9)
+    train(sr.load_config(path, [f"out_dir={tmp_path / 'run'}"]), quiet=True)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+               .splitlines()]
+    test = next(r for r in records if r.get("event") == "test")
+    got = sr.budget_test(tmp_path / "run" / "best.pt", test["weights_epoch"])
+    assert got == pytest.approx(test["test_ppl"], rel=1e-6)
+    assert sr.budget_test(tmp_path / "run" / "best.pt", test["weights_epoch"] + 1) is None
+    assert sr.budget_test(tmp_path / "nowhere.pt", 1) is None
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf"])
+def test_a_bad_budget_is_one_line_and_exit_code_2(value):
+    proc = speedrun_cli("configs/tiny.yaml", f"--budget={value}", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"error: --budget must be a number of seconds > 0, got " \
+                                  f"{float(value)}"
+
+
+def test_no_flops_are_claimed_for_the_linear_recurrences():
+    """flops_per_token counts a W_hh cell's products: a figure for an LRU would be invented."""
+    cfg = sr.load_config(ROOT / "configs" / "lru.yaml", [])
+    assert sr.model_flops(cfg, 28) is None
+    assert sr.model_flops(sr.load_config(ROOT / "configs" / "heldout_lstm_spaced.yaml", []),
+                          28) > 0
