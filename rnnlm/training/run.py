@@ -306,6 +306,9 @@ class TrainingRun:
                  f"{len(corpus):,} tokens from {corpus.source} ({corpus.preprocess}"
                  f"{', cached' if corpus.from_cache else ''}), "
                  f"{cfg.data.iterator} iteration, device {self.device}"
+                 + (f", {self.precision}" + (" (train.precision: auto)"
+                                             if cfg.train.precision == "auto" else "")
+                    if self.precision != "fp32" else "")
                  + (f", {self.shards} batch shards" if self.shards > 1 else "")
                  + (f", {self.ctx.world_size} processes (DDP)" if self.ctx.enabled else ""))
         if self.resumed is not None:

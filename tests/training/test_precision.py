@@ -153,3 +153,18 @@ def test_trainer_compiles_the_training_model_only(tiny_overrides, tmp_path, monk
                        "model.kind=gru_scratch", "train.compile=true", "train.epochs=1"])
     train(cfg, quiet=True)
     assert len(compiled) == 1 and compiled[0].layers[0].window is None  # autograd backward
+
+
+def test_the_run_says_when_it_computes_in_bf16(tiny_overrides, tmp_path, monkeypatch):
+    import io
+    monkeypatch.setattr(native, "cpu_multiplies_bf16", lambda: True)
+    for precision, said in (("auto", ", bf16 (train.precision: auto)"), ("bf16", ", bf16"),
+                            ("fp32", None)):
+        cfg = load_config(ROOT / "configs/tiny.yaml",
+                          [*tiny_overrides[:1], f"out_dir={tmp_path / precision}",
+                           "model.kind=gru_scratch", "train.epochs=1",
+                           f"train.precision={precision}", "train.predict_every=0"])
+        out = io.StringIO()
+        train(cfg, out=out)
+        header = out.getvalue().splitlines()[0]
+        assert (said is not None and said in header) or (said is None and "bf16" not in header)
