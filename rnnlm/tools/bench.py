@@ -126,14 +126,15 @@ def _batch_matmuls(h: torch.Tensor, w_f: torch.Tensor, w_b: torch.Tensor, dgates
 
 
 def _batch_matmuls_c(h, w_f, w_b, dgates, window_h, window_g, x_in, w_in, w_out, d_out, out_f,
-                     out_b, layers, steps):
+                     out_b, layers, steps, recurrent=None):
     """_batch_matmuls with the recurrent products the way the C window loops compute them
-    (forward weights packed once per window: faster than torch.mm at some shapes)."""
+    (forward weights packed once per window: faster than torch.mm at some shapes).
+    recurrent: (h, w_b, dgates, out_f, out_b) in float32, as the loops keep h and their sums
+    (prepared once by the caller for bf16 operands); None: the float32 operands themselves."""
     kept = _batch_matmuls(h, w_f, w_b, dgates, window_h, window_g, x_in, w_in, w_out, d_out,
                           out_f, out_b, layers, 0)
-    bf16 = h.dtype == torch.bfloat16  # the loops keep h and their sums in float32
-    h, dgates, w_b = h.float(), dgates.float(), w_b.float()
-    out_f, out_b = out_f.float(), out_b.float()
+    bf16 = h.dtype == torch.bfloat16
+    h, w_b, dgates, out_f, out_b = recurrent or (h, w_b, dgates, out_f, out_b)
     for _ in range(layers):  # w_b (G*H, H) has W_hh's layout
         native.recurrent_products(h, w_b, out_f, dgates, out_b, steps, bf16)
     return kept
@@ -166,13 +167,23 @@ def matmul_roofline(kind: str, hidden: int, layers: int, vocab: int, batch: int,
 
     lanes = [len(part) for part in torch.arange(batch).tensor_split(shards)]
     per_shard = [operands(n) for n in lanes]
-    ways = [_batch_matmuls, *([_batch_matmuls_c] if native.windows_available() else [])]
+    # the C loops' recurrent operands in float32, converted here, outside the timed products
+    recurrent = [None if dtype == torch.float32 else
+                 tuple(ops[i].float() for i in (0, 2, 3, 10, 11)) for ops in per_shard]
+
+    def in_torch(i: int):
+        return _batch_matmuls(*per_shard[i])
+
+    def in_c(i: int):
+        return _batch_matmuls_c(*per_shard[i], recurrent=recurrent[i])
+
+    ways = [in_torch, *([in_c] if native.windows_available() else [])]
     pool = shard_pool(shards, threads_per_shard=1) if shards > 1 else None
 
-    def one_batch(way):
+    def one_batch(way):  # way(shard index), on every shard at once
         if pool is None:
-            return lambda: way(*per_shard[0])
-        return lambda: list(pool.map(lambda ops: way(*ops), per_shard))
+            return lambda: way(0)
+        return lambda: list(pool.map(way, range(len(per_shard))))
 
     try:
         seconds = min(median_seconds(one_batch(way), reps) for way in ways)
