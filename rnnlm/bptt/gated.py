@@ -245,13 +245,11 @@ def lstm_window(xw, h0, c0, W_hh, xi=None, cell_kernel="auto"):
     """All hidden states (T, B, H) and the final cell state of one LSTM layer.
     cell_kernel: model.cell_kernel (auto | c | torch), see native.usable_for; bf16 autocast
     as for rnn.manual_rnn_window."""
-    bf16 = native.bf16_products(xw)
-    with native.float32_window(xw) as xw:
+    with native.float32_window(xw) as (xw, bf16):
         return LSTMWindow.apply(xw, h0, c0, W_hh, xi, cell_kernel, bf16)
 
 
 def gru_window(xw, h0, W_hh, b_hh, xi=None, cell_kernel="auto"):
     """All hidden states (T, B, H) of one GRU layer (cell_kernel as for lstm_window)."""
-    bf16 = native.bf16_products(xw)
-    with native.float32_window(xw) as xw:
+    with native.float32_window(xw) as (xw, bf16):
         return GRUWindow.apply(xw, h0, W_hh, b_hh, xi, cell_kernel, bf16)

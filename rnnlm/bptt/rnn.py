@@ -170,8 +170,7 @@ def manual_rnn_window(xw: torch.Tensor, h0: torch.Tensor, W_hh: torch.Tensor,
     cell_kernel: model.cell_kernel (auto | c | torch), see native.usable_for. Under bf16
     autocast the window computes in float32, its recurrent products in bf16 where the C
     windows run (native.bf16_products)."""
-    bf16 = native.bf16_products(xw)
-    with native.float32_window(xw) as xw:
+    with native.float32_window(xw) as (xw, bf16):
         return ManualRNNWindow.apply(xw, h0, W_hh, activation, xi, cell_kernel, bf16)
 
 

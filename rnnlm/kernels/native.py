@@ -229,11 +229,12 @@ def _packed_transpose(W: torch.Tensor, rows: int) -> torch.Tensor:
 @contextlib.contextmanager
 def float32_window(xw: torch.Tensor):
     """A hand-written window under bf16 autocast: autocast off inside it and its input
-    projection back in float32 (what `with ... as xw` gives), so the window computes in
-    float32 like the rest of the state; its recurrent products alone may run in bf16, which
-    the caller asks bf16_products before entering (autocast is off inside)."""
+    projection back in float32, so the window computes in float32 like the rest of the
+    state; `with ... as (xw, bf16)` also gives whether its recurrent products run in bf16
+    (bf16_products, asked before autocast is turned off)."""
+    bf16 = bf16_products(xw)
     with torch.autocast(xw.device.type, enabled=False):
-        yield xw.float() if xw.dtype in (torch.bfloat16, torch.float16) else xw
+        yield (xw.float() if xw.dtype in (torch.bfloat16, torch.float16) else xw), bf16
 
 
 def window_outer_sum(d: torch.Tensor, h: torch.Tensor, bf16: bool = False) -> torch.Tensor:
