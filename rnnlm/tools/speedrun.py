@@ -341,6 +341,21 @@ def spread(values: list, spec: str) -> str:
     return format(low, spec) if low == high else f"{low:{spec}}-{high:{spec}}"
 
 
+def recipe_figures(recipe: Recipe, timings: list[Timing]):
+    """What both tables say of one recipe from its rounds: its timings, those that did not
+    fail, those that reached the target, the time-to-target cell, median tokens/s and the
+    GFLOP/s they make (None where its kind has no FLOP count)."""
+    mine = [t for t in timings if t.recipe == recipe.name]
+    ok = [t for t in mine if not t.error]
+    reached = [t for t in ok if t.reached_s is not None]
+    time_cell = seconds([t.reached_s for t in reached]) if reached else "not reached"
+    if reached and len(reached) < len(mine):
+        time_cell += f", reached in {len(reached)} of {len(mine)} rounds"
+    speed = median_or_none([t.tokens_per_s for t in ok])
+    gflops = speed and recipe.flops_per_token and speed * recipe.flops_per_token / 1e9
+    return mine, ok, reached, time_cell, speed, gflops
+
+
 def report(recipes: list[Recipe], timings: list[Timing], target: float, rounds: int,
            machine: str, command: str, budget: float | None = None) -> str:
     """The machine, the command line, one table row per recipe (medians over its rounds)
@@ -352,17 +367,10 @@ def report(recipes: list[Recipe], timings: list[Timing], target: float, rounds: 
             f"best val ppl | test ppl | whole run |")
     lines = [head, "|" + "---|" * 8]
     for recipe in recipes:
-        mine = [t for t in timings if t.recipe == recipe.name]
-        ok = [t for t in mine if not t.error]
-        reached = [t for t in ok if t.reached_s is not None]
+        mine, ok, reached, time_cell, speed, gflops = recipe_figures(recipe, timings)
         if not ok:
             lines.append(f"| {recipe.name} | failed | – | – | – | – | – | – |")
             continue
-        time_cell = seconds([t.reached_s for t in reached]) if reached else "not reached"
-        if reached and len(reached) < len(mine):
-            time_cell += f", reached in {len(reached)} of {len(mine)} rounds"
-        speed = median_or_none([t.tokens_per_s for t in ok])
-        gflops = speed and recipe.flops_per_token and speed * recipe.flops_per_token / 1e9
         lines.append(
             f"| {recipe.name} | {time_cell} | {spread([t.reached_epoch for t in reached], 'd')} "
             f"| {fmt_number(speed, ',.0f')} | {fmt_number(gflops, '.1f')} "
@@ -420,22 +428,15 @@ def budget_report(recipes: list[Recipe], timings: list[Timing], target: float, r
              f"tokens/s | GFLOP/s | time to val ppl <= {target:g} | run ended |",
              "|" + "---|" * 9]
     for recipe in recipes:
-        mine = [t for t in timings if t.recipe == recipe.name]
-        ok = [t for t in mine if not t.error]
+        mine, ok, _, time_cell, speed, gflops = recipe_figures(recipe, timings)
         if not ok:
             lines.append(f"| {recipe.name} | failed |" + " – |" * 7)
             continue
-        reached = [t.reached_s for t in ok if t.reached_s is not None]
-        time_cell = seconds(reached) if reached else "not reached"
-        if reached and len(reached) < len(mine):
-            time_cell += f", reached in {len(reached)} of {len(mine)} rounds"
         stopped = [t.stopped_s for t in ok if t.stopped_s is not None]
         ended = [t.wall_s for t in ok if t.stopped_s is None]
         how_ended = "; ".join(filter(None, [
             stopped and f"stopped at {seconds(stopped)}" + rounds_of(stopped, mine),
             ended and f"by itself at {seconds(ended)}" + rounds_of(ended, mine)]))
-        speed = median_or_none([t.tokens_per_s for t in ok])
-        gflops = speed and recipe.flops_per_token and speed * recipe.flops_per_token / 1e9
         lines.append(
             f"| {recipe.name} | {spread([t.epochs for t in ok], 'd')} "
             f"| {fmt_number(median_or_none([t.best_val_ppl for t in ok]), '.3f')} "
