@@ -234,6 +234,15 @@ def _check_train(cfg: Config) -> None:
              f"{t.checkpoint_every}")
     _require(t.diagnostics_every >= 1,
              f"train.diagnostics_every must be >= 1, got {t.diagnostics_every}")
+    for name in ("ar", "tar"):
+        value = getattr(t, name)
+        _require(0 <= value <= FLOAT32_MAX,
+                 f"train.{name} must be >= 0 and at most {FLOAT32_MAX:.3g} (0 = off), got "
+                 f"{value:g}")
+        _require(value == 0 or model_class(cfg).supports.activation_penalties,
+                 f"train.{name} (a penalty on the top layer's recurrent outputs) is offered "
+                 f"for {kinds_that(lambda c: c.supports.activation_penalties)} only; "
+                 f"{m.kind}'s top output is a LayerNorm's: set train.{name}=0")
 
 
 def _check_truncation(cfg: Config) -> None:
@@ -369,4 +378,7 @@ def check_run(cfg: Config, device: torch.device, shards: int) -> None:
         raise ConfigError("train.cuda_graphs captures the fp32 eager step; with "
                           f"train.precision={cfg.train.precision} or train.compile=true set "
                           "train.cuda_graphs=false")
+    if device.type == "cuda" and cfg.train.cuda_graphs and (cfg.train.ar or cfg.train.tar):
+        raise ConfigError("train.cuda_graphs captures the step without the activation "
+                          "penalties; with train.ar or train.tar set train.cuda_graphs=false")
     check_cell_kernel(cfg, device)

@@ -129,6 +129,12 @@ class TrainConfig:
     plateau_patience: int = 2  # plateau: decay after more evaluations than this w/o gain
     early_stop_patience: int | None = None  # stop after this many evaluations w/o improvement
     ema_decay: float | None = None  # evaluate an exponential moving average of the weights
+    # Penalties on the top layer's outputs added to the training loss (AWD-LSTM's AR and
+    # TAR, training/step.py): ar * mean(h_t^2) over the outputs after output dropout (large
+    # activations), tar * mean((h_t - h_(t-1))^2) over those before it (fast changes). The
+    # reported training loss stays the cross-entropy. 0 = off.
+    ar: float = 0.0
+    tar: float = 0.0
 
 
 @dataclass

@@ -107,6 +107,9 @@ class Supports:
     #: model.weight_dropout (DropConnect on a dense W_hh); False where the recurrence is
     #: diagonal and there is no such matrix
     weight_dropout: bool = True
+    #: train.ar / train.tar: forward(..., activations=True) also returns the top layer's
+    #: outputs before and after output dropout, the recurrent state's own values
+    activation_penalties: bool = True
 
     @property
     def randomized_truncation(self) -> bool:
@@ -231,10 +234,14 @@ class LanguageModel(nn.Module):
                 for prefix, module in self.named_modules()
                 for name in getattr(module, "NO_WEIGHT_DECAY", ())}
 
-    def forward(self, tokens: torch.Tensor, state: State,
-                xi: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+    def forward(self, tokens: torch.Tensor, state: State, xi: torch.Tensor | None = None,
+                activations: bool = False):
+        """(logits (T, B, V), state); with `activations` also (hidden, dropped): the top
+        layer's outputs (T, B, H) before and after output dropout, for train.ar/tar."""
         hidden, state = self.core(self.encode(tokens), state, xi)
-        return self.output(self.output_dropout(hidden)), state  # (T, B, V)
+        dropped = self.output_dropout(hidden)
+        logits = self.output(dropped)
+        return (logits, state, (hidden, dropped)) if activations else (logits, state)
 
     def decoder(self) -> Decoder:
         """Generation's one-step decoder: feed(ids) and step(token_id) -> logits (1, V),

@@ -266,8 +266,10 @@ class LinearRecurrentLM(LanguageModel):
     # Whole windows by scan, never step by step in Python: no per-step xi (randomized
     # truncation), no C windows. bf16 and compile are untested (complex numbers, custom
     # autograd Function); sharding by lanes is correct but unmeasured, so auto leaves it off.
+    # The top output is the final LayerNorm's, not a recurrent state: AR/TAR on it would
+    # penalise the norm's gain, not the recurrence's activations.
     supports = Supports(manual_backward=True, bf16=False, compile=False, auto_shards=False,
-                        weight_dropout=False)
+                        weight_dropout=False, activation_penalties=False)
 
     def __init__(self, vocab_size, hidden_size, num_layers=1, dropout=0.0, embedding_dim=None,
                  backward: str = "manual", **options):

@@ -59,7 +59,12 @@ from rnnlm.training.epoch import EpochProgress, EpochResult, format_ppl, train_e
 from rnnlm.training.interrupts import StopRequest, TrainingInterrupted, stop_on_signals
 from rnnlm.training.metrics import METRICS_FILE, MetricsLog, epoch_record
 from rnnlm.training.schedules import LRSchedule
-from rnnlm.training.step import ShardedForwardBackward, forward_backward, resolve_batch_shards
+from rnnlm.training.step import (
+    Penalties,
+    ShardedForwardBackward,
+    forward_backward,
+    resolve_batch_shards,
+)
 
 
 def train(cfg: Config, quiet: bool = False, out=sys.stdout, resume: dict | None = None,
@@ -171,8 +176,10 @@ class TrainingRun:
 
         # forward and backward of one batch (rnnlm.training.step)
         self.precision = resolve_precision(cfg, device)  # train.precision: auto resolved
-        self.batch_step = ShardedForwardBackward(shards, self.precision) if shards > 1 \
-            else functools.partial(forward_backward, precision=self.precision)
+        penalties = Penalties.from_config(cfg.train)  # train.ar, train.tar
+        self.batch_step = ShardedForwardBackward(shards, self.precision, penalties) \
+            if shards > 1 else functools.partial(forward_backward, precision=self.precision,
+                                                 penalties=penalties)
         self.shards = shards
         self.train_step = distributed.FaultInjector(ctx).wrap(self.batch_step)  # unless testing
         seed_everything(cfg.seed)

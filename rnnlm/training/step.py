@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,23 +30,77 @@ def sequence_loss(logits: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.t().reshape(-1))
 
 
+@dataclass(frozen=True)
+class Penalties:
+    """train.ar and train.tar, AWD-LSTM's activation regularisation (AR) and temporal
+    activation regularisation (TAR), on the top layer's outputs of one batch:
+
+        ar * mean((m * h_t)^2) + tar * mean((h_t - h_(t-1))^2)
+
+    m * h_t being the outputs after output dropout and h_t those before it, means over every
+    element (steps, lanes, units). AR keeps the activations small, TAR keeps them from
+    jumping between steps; on this trainer's held-out recipes both lower the validation
+    perplexity (docs/speedrun.md). Falsy when both are 0: the step then asks the model for
+    nothing more than its logits."""
+
+    ar: float = 0.0
+    tar: float = 0.0
+
+    @classmethod
+    def from_config(cls, train) -> Penalties:
+        return cls(train.ar, train.tar)
+
+    def __bool__(self) -> bool:
+        return bool(self.ar or self.tar)
+
+    def __call__(self, hidden: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        """The penalty of one batch's top outputs hidden and dropped (T, B, H), in float32
+        at least (bf16 outputs are widened first)."""
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        hidden, dropped = hidden.to(dtype), dropped.to(dtype)
+        penalty = hidden.new_zeros(())
+        if self.ar:
+            penalty = penalty + self.ar * dropped.pow(2).mean()
+        if self.tar and hidden.shape[0] > 1:  # a one-step window has no change to penalise
+            penalty = penalty + self.tar * (hidden[1:] - hidden[:-1]).pow(2).mean()
+        return penalty
+
+
+NO_PENALTIES = Penalties()
+
+
+def batch_loss(model: LanguageModel, X, Y, state: State, xi: torch.Tensor | None = None,
+               penalties: Penalties = NO_PENALTIES
+               ) -> tuple[torch.Tensor, torch.Tensor, State]:
+    """The forward pass of one batch: (what backward differentiates, the cross-entropy that
+    the run reports, the next state). The two losses are the same tensor without penalties."""
+    options = {} if xi is None else {"xi": xi}
+    if not penalties:
+        logits, state = model(X, state, **options)
+        loss = sequence_loss(logits, Y)
+        return loss, loss, state
+    logits, state, (hidden, dropped) = model(X, state, activations=True, **options)
+    loss = sequence_loss(logits, Y)
+    return loss + penalties(hidden, dropped), loss, state
+
+
 def autocast(device_type: str, precision: str):
     """The context a training forward pass runs in: bf16 autocast, or nothing for fp32."""
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def forward_backward(model: LanguageModel, X, Y, state: State,
-                     xi: torch.Tensor | None = None,
-                     precision: str = "fp32") -> tuple[torch.Tensor, State]:
-    """One batch on one thread: loss (0-d, still attached) and the next state; grads in .grad.
+                     xi: torch.Tensor | None = None, precision: str = "fp32",
+                     penalties: Penalties = NO_PENALTIES) -> tuple[torch.Tensor, State]:
+    """One batch on one thread: the cross-entropy (0-d, still attached) and the next state;
+    grads in .grad, of the cross-entropy plus the `penalties` (train.ar, train.tar).
     xi: randomized truncation's multipliers (rnnlm.bptt.truncation), passed only when drawn.
     precision bf16 autocasts the forward pass; the backward follows the forward's dtypes
     (autocast is not meant to wrap it) and the carried state goes back to fp32."""
     dtype = state[0].dtype
     with autocast(X.device.type, precision):
-        logits, state = model(X, state) if xi is None else model(X, state, xi=xi)
-        loss = sequence_loss(logits, Y)
-    loss.backward()
+        objective, loss, state = batch_loss(model, X, Y, state, xi, penalties)
+    objective.backward()
     return loss, tuple(s.to(dtype) for s in state)
 
 
@@ -93,8 +148,9 @@ def shard_pool(num_shards: int, threads_per_shard: int | None = None) -> ThreadP
 class ShardedForwardBackward:
     """Drop-in for `forward_backward` that runs `num_shards` lane groups on their own threads."""
 
-    def __init__(self, num_shards: int, precision: str = "fp32"):
-        self.num_shards, self.precision = num_shards, precision
+    def __init__(self, num_shards: int, precision: str = "fp32",
+                 penalties: Penalties = NO_PENALTIES):
+        self.num_shards, self.precision, self.penalties = num_shards, precision, penalties
         self.pool = shard_pool(num_shards)
 
     def __call__(self, model: LanguageModel, X, Y, state: State, xi=None):
@@ -105,13 +161,14 @@ class ShardedForwardBackward:
         def shard(rows: torch.Tensor):
             lo, hi = int(rows[0]), int(rows[-1]) + 1
             # xi is per step, shared by all lanes: every shard gets the same one. Autocast
-            # is per thread, so each shard enters it itself.
+            # is per thread, so each shard enters it itself. The penalties are means over
+            # (steps, lanes, units) as the loss is over (steps, lanes): the same weights.
             with autocast(X.device.type, self.precision):
-                logits, new_state = model(X[lo:hi], tuple(s[:, lo:hi] for s in state),
-                                          **({} if xi is None else {"xi": xi}))
-                loss = sequence_loss(logits, Y[lo:hi])
+                objective, loss, new_state = batch_loss(
+                    model, X[lo:hi], Y[lo:hi], tuple(s[:, lo:hi] for s in state), xi,
+                    self.penalties)
             weight = Y[lo:hi].numel() / total
-            grads = torch.autograd.grad(loss * weight, params, allow_unused=True)
+            grads = torch.autograd.grad(objective * weight, params, allow_unused=True)
             return loss.detach() * weight, tuple(s.to(state[0].dtype) for s in new_state), grads
 
         results = list(self.pool.map(shard, lanes))

@@ -1,0 +1,162 @@
+"""train.ar and train.tar (AWD-LSTM's activation penalties): the formula, the gradients the
+step computes against the objective written out by hand, every backward (hand-written, C
+windows, autograd) and the lane shards agreeing, the checks, and a run that uses them."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rnnlm.config import ConfigError, config_from_dict, load_config
+from rnnlm.models import MODEL_KINDS, build_model
+from rnnlm.training.run import train
+from rnnlm.training.step import Penalties, ShardedForwardBackward, forward_backward
+from tests.conftest import ROOT
+from tests.training.test_epoch import read_metrics
+
+PENALISED = [kind for kind, cls in MODEL_KINDS.items() if cls.supports.activation_penalties]
+REFUSED = [kind for kind in MODEL_KINDS if kind not in PENALISED]
+
+
+def test_the_penalty_is_the_written_out_formula():
+    torch.manual_seed(0)
+    hidden, dropped = torch.randn(6, 3, 4), torch.randn(6, 3, 4)
+    expected = 2.0 * (dropped ** 2).sum() / dropped.numel() + \
+        0.5 * ((hidden[1:] - hidden[:-1]) ** 2).sum() / (5 * 3 * 4)
+    assert Penalties(2.0, 0.5)(hidden, dropped).item() == pytest.approx(expected.item())
+    # one step: no change to penalise, only AR; nothing at all when both are off
+    assert Penalties(2.0, 0.5)(hidden[:1], dropped[:1]).item() == \
+        pytest.approx(2.0 * (dropped[:1] ** 2).mean().item())
+    assert not Penalties() and Penalties(0.0, 1.0) and Penalties(1.0, 0.0)
+
+
+def small_model(kind: str, *overrides: str):
+    cfg = config_from_dict({}, [f"model.kind={kind}", "model.hidden_size=6",
+                                "model.num_layers=2", "model.embedding_dim=5", *overrides])
+    return build_model(cfg.model, 9)
+
+
+def batch(model, seed: int = 1):
+    torch.manual_seed(seed)
+    X, Y = torch.randint(0, 9, (4, 7)), torch.randint(0, 9, (4, 7))
+    state = tuple(0.5 * torch.randn_like(s) for s in model.begin_state(4))
+    return X, Y, state
+
+
+def gradients(model, step, X, Y, state, seed: int = 2):
+    """(loss, next state, every parameter's gradient) of one step, dropout drawn from `seed`."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss, new_state = step(model, X, Y, state)
+    return loss.detach(), [s.detach() for s in new_state], \
+        [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("kind", PENALISED)
+def test_the_step_differentiates_cross_entropy_plus_the_penalties(kind):
+    """With dropout everywhere, so that AR sees the outputs after output dropout and TAR
+    those before it: the objective written out from the top layer's outputs, caught by a
+    hook, has the step's gradients; the loss returned is the cross-entropy alone."""
+    torch.manual_seed(0)
+    model = small_model(kind, "model.dropout=0.2", "model.input_dropout=0.1",
+                        "model.output_dropout=0.3").double().train()
+    X, Y, state = batch(model)
+    penalties = Penalties(1.5, 0.7)
+    step = gradients(model, lambda *a: forward_backward(*a, penalties=penalties), X, Y, state)
+
+    caught = {}
+    hook = model.output_dropout.register_forward_hook(
+        lambda module, inputs, output: caught.update(hidden=inputs[0], dropped=output))
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(2)
+    logits, _ = model(X, state)
+    hook.remove()
+    cross_entropy = F.cross_entropy(logits.reshape(-1, 9), Y.t().reshape(-1))
+    h, d = caught["hidden"], caught["dropped"]
+    assert not torch.equal(h, d)  # output dropout did act
+    objective = cross_entropy + 1.5 * d.pow(2).mean() + 0.7 * (h[1:] - h[:-1]).pow(2).mean()
+    objective.backward()
+
+    torch.testing.assert_close(step[0], cross_entropy.detach(), rtol=1e-12, atol=1e-12)
+    for got, want in zip(step[2], [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def assert_same_penalised_step(model, reference, **tolerance):
+    """One step with strong penalties gives `model` and `reference` (the same weights, another
+    backward) the same next state and gradients."""
+    X, Y, state = batch(model)
+    step = lambda *a: forward_backward(*a, penalties=Penalties(3.0, 2.0))  # noqa: E731
+    ours, theirs = gradients(model, step, X, Y, state), gradients(reference, step, X, Y, state)
+    for a, b in zip(ours[1] + ours[2], theirs[1] + theirs[2]):
+        torch.testing.assert_close(a, b, **tolerance)
+
+
+@pytest.mark.parametrize("kind", [k for k in PENALISED if MODEL_KINDS[k].supports.manual_backward])
+def test_the_hand_written_backward_takes_the_penalties_gradient(kind):
+    """The penalties add a gradient on every output h_t, not only through the logits: the
+    hand-written BPTT must carry it back as autograd does."""
+    torch.manual_seed(0)
+    manual = small_model(kind, "model.backward=manual").double()
+    reference = small_model(kind, "model.backward=autograd").double()
+    reference.load_state_dict(manual.state_dict())
+    assert_same_penalised_step(manual, reference, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", [k for k, c in MODEL_KINDS.items()
+                                  if c.supports.c_windows and c.supports.activation_penalties])
+def test_the_c_windows_take_the_penalties_gradient(kind):
+    torch.manual_seed(0)
+    windows = small_model(kind, "model.cell_kernel=c")
+    reference = small_model(kind, "model.cell_kernel=torch")
+    if MODEL_KINDS[kind].supports.manual_backward:
+        reference = small_model(kind, "model.cell_kernel=torch", "model.backward=autograd")
+    reference.load_state_dict(windows.state_dict())
+    assert_same_penalised_step(windows, reference, rtol=2e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("kind", ["lstm_scratch", "gru"])
+def test_lane_shards_weigh_the_penalties_as_one_batch_does(kind):
+    torch.manual_seed(0)
+    model = small_model(kind).double()
+    X, Y, state = batch(model)
+    penalties = Penalties(2.0, 1.0)
+    sharded = ShardedForwardBackward(2, penalties=penalties)
+    try:
+        one = gradients(model, lambda *a: forward_backward(*a, penalties=penalties),
+                        X, Y, state)
+        two = gradients(model, sharded, X, Y, state)
+    finally:
+        sharded.close()
+    torch.testing.assert_close(one[0], two[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(one[1] + one[2], two[1] + two[2]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.ar=-1", "train.ar must be >= 0"),
+    ("train.tar=-0.5", "train.tar must be >= 0"),
+])
+def test_negative_penalties_are_refused(setting, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({}, [setting])
+
+
+@pytest.mark.parametrize("kind", REFUSED)
+def test_kinds_without_recurrent_top_outputs_refuse_them(kind):
+    with pytest.raises(ConfigError, match=f"train.ar .* {kind}'s top output is a LayerNorm's"):
+        config_from_dict({}, [f"model.kind={kind}", "train.ar=1"])
+
+
+def test_a_run_with_penalties_trains_otherwise(tiny_overrides, tmp_path):
+    """Not an option read and ignored: the same run with and without them ends elsewhere,
+    and its reported training loss stays a cross-entropy (the penalties are not in it)."""
+    losses = {}
+    for name, sets in [("plain", []), ("penalised", ["train.ar=4", "train.tar=4"])]:
+        cfg = load_config(ROOT / "configs/tiny.yaml",
+                          [*tiny_overrides, f"out_dir={tmp_path / name}", "train.epochs=2",
+                           *sets])
+        train(cfg, quiet=True)
+        losses[name] = [r["train_loss"] for r in read_metrics(tmp_path / name)
+                        if "train_loss" in r]
+    assert losses["plain"][0] != losses["penalised"][0]
+    assert all(0 < loss < 4 for loss in losses["penalised"])  # ln 28 = 3.3: no penalty in it
