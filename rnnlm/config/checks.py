@@ -234,6 +234,13 @@ def _check_train(cfg: Config) -> None:
              f"{t.checkpoint_every}")
     _require(t.diagnostics_every >= 1,
              f"train.diagnostics_every must be >= 1, got {t.diagnostics_every}")
+    _require(0 <= t.rdrop <= FLOAT32_MAX,
+             f"train.rdrop must be >= 0 and at most {FLOAT32_MAX:.3g} (0 = off), got "
+             f"{t.rdrop:g}")
+    _require(t.rdrop == 0 or m.dropout or m.input_dropout or m.output_dropout,
+             "train.rdrop compares two dropout samples of each lane; with no model.dropout, "
+             "input_dropout or output_dropout the two are the same (DropConnect draws one "
+             "mask per batch, shared by both): set one of them, or train.rdrop=0")
     for name in ("ar", "tar"):
         value = getattr(t, name)
         _require(0 <= value <= FLOAT32_MAX,
@@ -378,7 +385,8 @@ def check_run(cfg: Config, device: torch.device, shards: int) -> None:
         raise ConfigError("train.cuda_graphs captures the fp32 eager step; with "
                           f"train.precision={cfg.train.precision} or train.compile=true set "
                           "train.cuda_graphs=false")
-    if device.type == "cuda" and cfg.train.cuda_graphs and (cfg.train.ar or cfg.train.tar):
-        raise ConfigError("train.cuda_graphs captures the step without the activation "
-                          "penalties; with train.ar or train.tar set train.cuda_graphs=false")
+    if device.type == "cuda" and cfg.train.cuda_graphs and \
+            (cfg.train.ar or cfg.train.tar or cfg.train.rdrop):
+        raise ConfigError("train.cuda_graphs captures the plain step; with train.ar, "
+                          "train.tar or train.rdrop set train.cuda_graphs=false")
     check_cell_kernel(cfg, device)

@@ -135,6 +135,9 @@ class TrainConfig:
     # reported training loss stays the cross-entropy. 0 = off.
     ar: float = 0.0
     tar: float = 0.0
+    # R-Drop: every lane runs twice, under two dropout masks, and rdrop times the symmetric
+    # KL divergence of the two predictions joins the loss (training/step.py). 0 = off.
+    rdrop: float = 0.0
 
 
 @dataclass

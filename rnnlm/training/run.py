@@ -60,7 +60,7 @@ from rnnlm.training.interrupts import StopRequest, TrainingInterrupted, stop_on_
 from rnnlm.training.metrics import METRICS_FILE, MetricsLog, epoch_record
 from rnnlm.training.schedules import LRSchedule
 from rnnlm.training.step import (
-    Penalties,
+    Regularizers,
     ShardedForwardBackward,
     forward_backward,
     resolve_batch_shards,
@@ -176,10 +176,10 @@ class TrainingRun:
 
         # forward and backward of one batch (rnnlm.training.step)
         self.precision = resolve_precision(cfg, device)  # train.precision: auto resolved
-        penalties = Penalties.from_config(cfg.train)  # train.ar, train.tar
-        self.batch_step = ShardedForwardBackward(shards, self.precision, penalties) \
+        regularizers = Regularizers.from_config(cfg.train)  # train.ar, tar, rdrop
+        self.batch_step = ShardedForwardBackward(shards, self.precision, regularizers) \
             if shards > 1 else functools.partial(forward_backward, precision=self.precision,
-                                                 penalties=penalties)
+                                                 regularizers=regularizers)
         self.shards = shards
         self.train_step = distributed.FaultInjector(ctx).wrap(self.batch_step)  # unless testing
         seed_everything(cfg.seed)

@@ -10,6 +10,9 @@ so with shards of equal size
 
 and the result is the single-threaded gradient up to floating-point rounding. Gradients of
 the shards are summed in a fixed order, so runs stay deterministic.
+
+What backward differentiates is the cross-entropy plus the run's regularizers (train.ar,
+tar, rdrop: `Regularizers`), built by `batch_loss`, the one forward of a batch for both.
 """
 
 from __future__ import annotations
@@ -31,31 +34,40 @@ def sequence_loss(logits: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Penalties:
-    """train.ar and train.tar, AWD-LSTM's activation regularisation (AR) and temporal
-    activation regularisation (TAR), on the top layer's outputs of one batch:
+class Regularizers:
+    """What the training objective adds to the cross-entropy of one batch (train.ar, tar,
+    rdrop; all 0, the default: nothing):
 
-        ar * mean((m * h_t)^2) + tar * mean((h_t - h_(t-1))^2)
+        ar * mean((m * h_t)^2) + tar * mean((h_t - h_(t-1))^2) + rdrop * KL_sym(p', p'')
 
-    m * h_t being the outputs after output dropout and h_t those before it, means over every
-    element (steps, lanes, units). AR keeps the activations small, TAR keeps them from
-    jumping between steps; on this trainer's held-out recipes both lower the validation
-    perplexity (docs/speedrun.md). Falsy when both are 0: the step then asks the model for
-    nothing more than its logits."""
+    AR and TAR are AWD-LSTM's activation and temporal activation regularisation on the top
+    layer's outputs, m * h_t after output dropout and h_t before it, means over every element
+    (steps, lanes, units): AR keeps the activations small, TAR keeps them from jumping between
+    steps. R-Drop runs every lane twice, each copy under its own dropout masks and carrying
+    its own state, and penalises the symmetric KL divergence between the two copies'
+    predicted distributions p' and p'' (mean over steps and lanes): the model learns to
+    predict the same whatever dropout removed, which regularises more than dropout alone.
+    The copies' cross-entropies are averaged into the loss the run reports. On the held-out
+    recipes each lowers the validation perplexity (docs/speedrun.md)."""
 
     ar: float = 0.0
     tar: float = 0.0
+    rdrop: float = 0.0
 
     @classmethod
-    def from_config(cls, train) -> Penalties:
-        return cls(train.ar, train.tar)
+    def from_config(cls, train) -> Regularizers:
+        return cls(train.ar, train.tar, train.rdrop)
 
     def __bool__(self) -> bool:
+        return bool(self.ar or self.tar or self.rdrop)
+
+    @property
+    def needs_activations(self) -> bool:
         return bool(self.ar or self.tar)
 
-    def __call__(self, hidden: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
-        """The penalty of one batch's top outputs hidden and dropped (T, B, H), in float32
-        at least (bf16 outputs are widened first)."""
+    def penalty(self, hidden: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        """AR + TAR of one batch's top outputs hidden and dropped (T, B, H), in float32 at
+        least (bf16 outputs are widened first)."""
         dtype = torch.promote_types(hidden.dtype, torch.float32)
         hidden, dropped = hidden.to(dtype), dropped.to(dtype)
         penalty = hidden.new_zeros(())
@@ -65,23 +77,47 @@ class Penalties:
             penalty = penalty + self.tar * (hidden[1:] - hidden[:-1]).pow(2).mean()
         return penalty
 
+    @staticmethod
+    def consistency(logits: torch.Tensor) -> torch.Tensor:
+        """The symmetric KL divergence, (KL(p'||p'') + KL(p''||p')) / 2, between the two
+        copies of every lane: logits (T, 2B, V) with the copies of lane i at 2i and 2i + 1."""
+        logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+        first, second = logp[:, 0::2], logp[:, 1::2]
+        difference = first - second
+        return 0.5 * ((first.exp() - second.exp()) * difference).sum(-1).mean()
 
-NO_PENALTIES = Penalties()
+
+NO_REGULARIZERS = Regularizers()
+
+
+def twice(X, Y, state: State) -> tuple[torch.Tensor, torch.Tensor, State]:
+    """R-Drop's batch: every lane twice, side by side (lane i at 2i and 2i + 1, so that lane
+    blocks split by rank or saved and resumed keep the pairs together). A fresh state (one
+    copy per lane) is given to both copies; a carried one already holds both."""
+    if state[0].shape[1] == X.shape[0]:
+        state = tuple(s.repeat_interleave(2, dim=1) for s in state)
+    return X.repeat_interleave(2, dim=0), Y.repeat_interleave(2, dim=0), state
 
 
 def batch_loss(model: LanguageModel, X, Y, state: State, xi: torch.Tensor | None = None,
-               penalties: Penalties = NO_PENALTIES
+               regularizers: Regularizers = NO_REGULARIZERS
                ) -> tuple[torch.Tensor, torch.Tensor, State]:
     """The forward pass of one batch: (what backward differentiates, the cross-entropy that
-    the run reports, the next state). The two losses are the same tensor without penalties."""
+    the run reports, the next state). The two losses are one tensor without regularizers."""
     options = {} if xi is None else {"xi": xi}
-    if not penalties:
+    if regularizers.rdrop:
+        X, Y, state = twice(X, Y, state)
+    if regularizers.needs_activations:
+        logits, state, (hidden, dropped) = model(X, state, activations=True, **options)
+    else:
         logits, state = model(X, state, **options)
-        loss = sequence_loss(logits, Y)
-        return loss, loss, state
-    logits, state, (hidden, dropped) = model(X, state, activations=True, **options)
     loss = sequence_loss(logits, Y)
-    return loss + penalties(hidden, dropped), loss, state
+    objective = loss
+    if regularizers.needs_activations:
+        objective = objective + regularizers.penalty(hidden, dropped)
+    if regularizers.rdrop:
+        objective = objective + regularizers.rdrop * regularizers.consistency(logits)
+    return objective, loss, state
 
 
 def autocast(device_type: str, precision: str):
@@ -91,15 +127,15 @@ def autocast(device_type: str, precision: str):
 
 def forward_backward(model: LanguageModel, X, Y, state: State,
                      xi: torch.Tensor | None = None, precision: str = "fp32",
-                     penalties: Penalties = NO_PENALTIES) -> tuple[torch.Tensor, State]:
+                     regularizers: Regularizers = NO_REGULARIZERS) -> tuple[torch.Tensor, State]:
     """One batch on one thread: the cross-entropy (0-d, still attached) and the next state;
-    grads in .grad, of the cross-entropy plus the `penalties` (train.ar, train.tar).
+    grads in .grad, of the cross-entropy plus the `regularizers` (train.ar, tar, rdrop).
     xi: randomized truncation's multipliers (rnnlm.bptt.truncation), passed only when drawn.
     precision bf16 autocasts the forward pass; the backward follows the forward's dtypes
     (autocast is not meant to wrap it) and the carried state goes back to fp32."""
     dtype = state[0].dtype
     with autocast(X.device.type, precision):
-        objective, loss, state = batch_loss(model, X, Y, state, xi, penalties)
+        objective, loss, state = batch_loss(model, X, Y, state, xi, regularizers)
     objective.backward()
     return loss, tuple(s.to(dtype) for s in state)
 
@@ -149,8 +185,11 @@ class ShardedForwardBackward:
     """Drop-in for `forward_backward` that runs `num_shards` lane groups on their own threads."""
 
     def __init__(self, num_shards: int, precision: str = "fp32",
-                 penalties: Penalties = NO_PENALTIES):
-        self.num_shards, self.precision, self.penalties = num_shards, precision, penalties
+                 regularizers: Regularizers = NO_REGULARIZERS):
+        # R-Drop is refused with shards (it needs dropout, which shards refuse): the lane
+        # blocks below would cut the state's pairs of copies
+        self.num_shards, self.precision, self.regularizers = num_shards, precision, \
+            regularizers
         self.pool = shard_pool(num_shards)
 
     def __call__(self, model: LanguageModel, X, Y, state: State, xi=None):
@@ -161,12 +200,12 @@ class ShardedForwardBackward:
         def shard(rows: torch.Tensor):
             lo, hi = int(rows[0]), int(rows[-1]) + 1
             # xi is per step, shared by all lanes: every shard gets the same one. Autocast
-            # is per thread, so each shard enters it itself. The penalties are means over
+            # is per thread, so each shard enters it itself. AR and TAR are means over
             # (steps, lanes, units) as the loss is over (steps, lanes): the same weights.
             with autocast(X.device.type, self.precision):
                 objective, loss, new_state = batch_loss(
                     model, X[lo:hi], Y[lo:hi], tuple(s[:, lo:hi] for s in state), xi,
-                    self.penalties)
+                    self.regularizers)
             weight = Y[lo:hi].numel() / total
             grads = torch.autograd.grad(objective * weight, params, allow_unused=True)
             return loss.detach() * weight, tuple(s.to(state[0].dtype) for s in new_state), grads

@@ -1,6 +1,7 @@
-"""train.ar and train.tar (AWD-LSTM's activation penalties): the formula, the gradients the
-step computes against the objective written out by hand, every backward (hand-written, C
-windows, autograd) and the lane shards agreeing, the checks, and a run that uses them."""
+"""train.ar, train.tar (AWD-LSTM's activation penalties) and train.rdrop (R-Drop): the
+formulas, the gradients the step computes against the objective written out by hand, every
+backward (hand-written, C windows, autograd) and the lane shards agreeing, R-Drop's pairs of
+lanes and their carried state, the checks, and runs that use them."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from rnnlm.config import ConfigError, config_from_dict, load_config
 from rnnlm.models import MODEL_KINDS, build_model
 from rnnlm.training.run import train
-from rnnlm.training.step import Penalties, ShardedForwardBackward, forward_backward
+from rnnlm.training.step import Regularizers, ShardedForwardBackward, forward_backward, twice
 from tests.conftest import ROOT
 from tests.training.test_epoch import read_metrics
 
@@ -22,11 +23,11 @@ def test_the_penalty_is_the_written_out_formula():
     hidden, dropped = torch.randn(6, 3, 4), torch.randn(6, 3, 4)
     expected = 2.0 * (dropped ** 2).sum() / dropped.numel() + \
         0.5 * ((hidden[1:] - hidden[:-1]) ** 2).sum() / (5 * 3 * 4)
-    assert Penalties(2.0, 0.5)(hidden, dropped).item() == pytest.approx(expected.item())
+    assert Regularizers(2.0, 0.5).penalty(hidden, dropped).item() == pytest.approx(expected.item())
     # one step: no change to penalise, only AR; nothing at all when both are off
-    assert Penalties(2.0, 0.5)(hidden[:1], dropped[:1]).item() == \
+    assert Regularizers(2.0, 0.5).penalty(hidden[:1], dropped[:1]).item() == \
         pytest.approx(2.0 * (dropped[:1] ** 2).mean().item())
-    assert not Penalties() and Penalties(0.0, 1.0) and Penalties(1.0, 0.0)
+    assert not Regularizers() and Regularizers(0.0, 1.0) and Regularizers(1.0, 0.0)
 
 
 def small_model(kind: str, *overrides: str):
@@ -60,8 +61,8 @@ def test_the_step_differentiates_cross_entropy_plus_the_penalties(kind):
     model = small_model(kind, "model.dropout=0.2", "model.input_dropout=0.1",
                         "model.output_dropout=0.3").double().train()
     X, Y, state = batch(model)
-    penalties = Penalties(1.5, 0.7)
-    step = gradients(model, lambda *a: forward_backward(*a, penalties=penalties), X, Y, state)
+    penalties = Regularizers(1.5, 0.7)
+    step = gradients(model, lambda *a: forward_backward(*a, regularizers=penalties), X, Y, state)
 
     caught = {}
     hook = model.output_dropout.register_forward_hook(
@@ -85,7 +86,7 @@ def assert_same_penalised_step(model, reference, **tolerance):
     """One step with strong penalties gives `model` and `reference` (the same weights, another
     backward) the same next state and gradients."""
     X, Y, state = batch(model)
-    step = lambda *a: forward_backward(*a, penalties=Penalties(3.0, 2.0))  # noqa: E731
+    step = lambda *a: forward_backward(*a, regularizers=Regularizers(3.0, 2.0))  # noqa: E731
     ours, theirs = gradients(model, step, X, Y, state), gradients(reference, step, X, Y, state)
     for a, b in zip(ours[1] + ours[2], theirs[1] + theirs[2]):
         torch.testing.assert_close(a, b, **tolerance)
@@ -119,10 +120,10 @@ def test_lane_shards_weigh_the_penalties_as_one_batch_does(kind):
     torch.manual_seed(0)
     model = small_model(kind).double()
     X, Y, state = batch(model)
-    penalties = Penalties(2.0, 1.0)
-    sharded = ShardedForwardBackward(2, penalties=penalties)
+    penalties = Regularizers(2.0, 1.0)
+    sharded = ShardedForwardBackward(2, regularizers=penalties)
     try:
-        one = gradients(model, lambda *a: forward_backward(*a, penalties=penalties),
+        one = gradients(model, lambda *a: forward_backward(*a, regularizers=penalties),
                         X, Y, state)
         two = gradients(model, sharded, X, Y, state)
     finally:
@@ -160,3 +161,69 @@ def test_a_run_with_penalties_trains_otherwise(tiny_overrides, tmp_path):
                         if "train_loss" in r]
     assert losses["plain"][0] != losses["penalised"][0]
     assert all(0 < loss < 4 for loss in losses["penalised"])  # ln 28 = 3.3: no penalty in it
+
+
+def test_the_consistency_is_the_symmetric_kl_of_each_pair():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 6, 9, dtype=torch.float64)  # 3 lanes, copies side by side
+    p, q = F.log_softmax(logits[:, 0::2], -1), F.log_softmax(logits[:, 1::2], -1)
+    kl_pq = (p.exp() * (p - q)).sum(-1).mean()
+    kl_qp = (q.exp() * (q - p)).sum(-1).mean()
+    assert Regularizers.consistency(logits).item() == pytest.approx(0.5 * (kl_pq + kl_qp).item())
+    same = logits.clone()
+    same[:, 1::2] = same[:, 0::2]
+    assert Regularizers.consistency(same).item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru_scratch", "mingru"])
+def test_rdrop_runs_every_lane_twice_and_differentiates_the_written_out_objective(kind):
+    torch.manual_seed(0)
+    model = small_model(kind, "model.dropout=0.2", "model.output_dropout=0.3").double().train()
+    X, Y, state = batch(model)
+    rdrop = Regularizers(rdrop=0.8)
+    step = gradients(model, lambda *a: forward_backward(*a, regularizers=rdrop), X, Y, state)
+    assert step[1][0].shape[1] == 2 * X.shape[0]  # each lane's two copies carry their states
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(2)
+    X2, Y2 = X.repeat_interleave(2, 0), Y.repeat_interleave(2, 0)
+    logits, _ = model(X2, tuple(s.repeat_interleave(2, 1) for s in state))
+    cross_entropy = F.cross_entropy(logits.reshape(-1, 9), Y2.t().reshape(-1))
+    p, q = F.log_softmax(logits[:, 0::2], -1), F.log_softmax(logits[:, 1::2], -1)
+    assert not torch.allclose(p, q)  # the copies saw different dropout
+    symmetric_kl = 0.5 * ((p.exp() * (p - q)).sum(-1).mean() + (q.exp() * (q - p)).sum(-1).mean())
+    (cross_entropy + 0.8 * symmetric_kl).backward()
+    torch.testing.assert_close(step[0], cross_entropy.detach(), rtol=1e-12, atol=1e-12)
+    for got, want in zip(step[2], [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_a_carried_pair_state_is_kept_and_pairs_stay_side_by_side():
+    X, Y = torch.arange(6).reshape(3, 2), torch.arange(6).reshape(3, 2) + 1
+    fresh = (torch.tensor([[[1.0], [2.0], [3.0]]]),)  # (layers, lanes, units)
+    X2, Y2, state = twice(X, Y, fresh)
+    assert X2[:, 0].tolist() == [0, 0, 2, 2, 4, 4] and Y2[:, 1].tolist() == [2, 2, 4, 4, 6, 6]
+    assert state[0][0, :, 0].tolist() == [1, 1, 2, 2, 3, 3]
+    carried = (torch.arange(6.0).reshape(1, 6, 1),)
+    assert twice(X, Y, carried)[2][0] is carried[0]  # the copies' own states, untouched
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.rdrop=-1"], "train.rdrop must be >= 0"),
+    (["train.rdrop=1", "model.weight_dropout=0.3"], "train.rdrop compares two dropout samples"),
+])
+def test_rdrop_is_refused_where_it_cannot_act(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({}, ["model.kind=lstm", *overrides])
+
+
+def test_a_run_with_rdrop_trains_otherwise_and_resumes(tiny_overrides, tmp_path):
+    sets = ["model.embedding_dim=8", "model.output_dropout=0.3", "train.epochs=2"]
+    losses = {}
+    for name, more in [("plain", []), ("rdrop", ["train.rdrop=1"])]:
+        cfg = load_config(ROOT / "configs/tiny.yaml",
+                          [*tiny_overrides, f"out_dir={tmp_path / name}", *sets, *more])
+        train(cfg, quiet=True)
+        losses[name] = [r["train_loss"] for r in read_metrics(tmp_path / name)
+                        if "train_loss" in r]
+    assert losses["plain"][0] != losses["rdrop"][0]
