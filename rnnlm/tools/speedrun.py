@@ -238,13 +238,16 @@ def unique_names(configs: list[str]) -> list[str]:
 
 
 def model_flops(cfg: Config, vocab: int) -> float | None:
-    """Matmul FLOPs of one training token of cfg's model (rnnlm.tools.bench.flops_per_token);
-    None for a kind that formula does not know: it counts a W_hh cell's products, and the
-    linear recurrences (diagonal, with projections and an MLP per block) have none."""
+    """Matmul FLOPs of one training token of cfg's model (rnnlm.tools.bench.flops_per_token),
+    twice that under train.rdrop, which runs every lane twice; None for a kind that formula
+    does not know: it counts a W_hh cell's products, and the linear recurrences (diagonal,
+    with projections and an MLP per block) have none."""
     m = cfg.model
     if m.kind not in MODEL_KINDS or issubclass(MODEL_KINDS[m.kind], LinearRecurrentLM):
         return None
-    return flops_per_token(m.kind, m.hidden_size, m.num_layers, vocab, m.embedding_dim or vocab)
+    copies = 2 if cfg.train.rdrop else 1
+    return copies * flops_per_token(m.kind, m.hidden_size, m.num_layers, vocab,
+                                    m.embedding_dim or vocab)
 
 
 def prepare(configs: list[str], sets: list[str], root: Path) -> list[Recipe]:

@@ -302,3 +302,10 @@ def test_no_flops_are_claimed_for_the_linear_recurrences():
     assert sr.model_flops(cfg, 28) is None
     assert sr.model_flops(sr.load_config(ROOT / "configs" / "heldout_lstm_spaced.yaml", []),
                           28) > 0
+
+
+def test_rdrop_counts_each_token_twice():
+    """train.rdrop runs every lane twice: the same tokens/s is twice the matmul work."""
+    once = sr.load_config(ROOT / "configs" / "speedrun.yaml", [])
+    twice = sr.load_config(ROOT / "configs" / "speedrun.yaml", ["train.rdrop=1"])
+    assert sr.model_flops(twice, 28) == 2 * sr.model_flops(once, 28)
