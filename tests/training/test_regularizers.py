@@ -7,12 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rnnlm.checkpoint import load_checkpoint
 from rnnlm.config import ConfigError, config_from_dict, load_config
 from rnnlm.models import MODEL_KINDS, build_model
+from rnnlm.training.interrupts import TrainingInterrupted
 from rnnlm.training.run import train
 from rnnlm.training.step import Regularizers, ShardedForwardBackward, forward_backward, twice
 from tests.conftest import ROOT
 from tests.training.test_epoch import read_metrics
+from tests.training.test_resume import StopAfter, records, resume, tiny
 
 PENALISED = [kind for kind, cls in MODEL_KINDS.items() if cls.supports.activation_penalties]
 REFUSED = [kind for kind in MODEL_KINDS if kind not in PENALISED]
@@ -217,7 +220,25 @@ def test_rdrop_is_refused_where_it_cannot_act(overrides, message):
         config_from_dict({}, ["model.kind=lstm", *overrides])
 
 
-def test_a_run_with_rdrop_trains_otherwise_and_resumes(tiny_overrides, tmp_path):
+def test_a_run_with_regularizers_stopped_mid_epoch_resumes_exactly(data_dir, tmp_path):
+    """R-Drop's carried state holds both copies of every lane: a checkpoint taken inside an
+    epoch must give them back, so the resumed run equals the uninterrupted one bit for bit."""
+    sets = ["train.rdrop=1", "train.ar=1", "train.tar=1", "train.epochs=4"]
+    whole = tmp_path / "whole"
+    train(tiny(data_dir, whole, *sets), quiet=True)
+    expected = records(whole)
+    out = tmp_path / "stopped"
+    with pytest.raises(TrainingInterrupted):
+        train(tiny(data_dir, out, *sets), quiet=True, stop=StopAfter(expected[1]["step"] + 9))
+    progress = load_checkpoint(out / "last.pt")["progress"]
+    assert progress["epoch"] == 2 and progress["batch"] > 0
+    lanes = tiny(data_dir, out, *sets).data.batch_size
+    assert progress["partial"]["state"][0].shape[1] == 2 * lanes  # both copies were saved
+    resume(out)
+    assert records(out) == expected
+
+
+def test_a_run_with_rdrop_trains_otherwise(tiny_overrides, tmp_path):
     sets = ["model.embedding_dim=8", "model.output_dropout=0.3", "train.epochs=2"]
     losses = {}
     for name, more in [("plain", []), ("rdrop", ["train.rdrop=1"])]:
