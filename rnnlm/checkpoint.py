@@ -70,7 +70,9 @@ STREAM_KEYS = ("seed", "data.path", "data.data_dir", "data.max_tokens", "data.sp
                "data.encoding_errors", "data.iterator", "data.batch_size", "data.num_steps",
                # variable_length draws the window cuts, so these move the batch positions too
                "train.truncation", "train.variable_length_p", "train.variable_length_std",
-               "train.variable_length_min")
+               "train.variable_length_min",
+               # R-Drop carries two states a lane: on or off changes the carried state's lanes
+               "train.rdrop")
 
 
 class CheckpointError(ConfigError):

@@ -22,12 +22,14 @@ import time
 import torch
 
 from rnnlm.config import load_config
+from rnnlm.config.checks import resolve_precision
 from rnnlm.data.corpus import load_corpus
 from rnnlm.data.iterators import BatchIterator
 from rnnlm.models import build_model
 from rnnlm.training.averaging import WeightAverage
 from rnnlm.training.epoch import train_epoch
 from rnnlm.training.run import make_optimizer, run_threads, seed_everything
+from rnnlm.training.step import make_batch_step
 
 
 def main() -> None:
@@ -52,6 +54,8 @@ def main() -> None:
           f"{torch.get_num_threads() if cfg.train.threads is None else cfg.train.threads} "
           f"thread(s), torch {torch.__version__}")
     marks = []  # (wall, CPU) at the start of the epoch and after every optimizer step
+    # the run's step: its precision and regularizers, one lane group
+    step = make_batch_step(cfg, resolve_precision(cfg, torch.device("cpu")))
 
     def step_done():
         if average is not None:
@@ -63,7 +67,7 @@ def main() -> None:
             marks[:] = [(time.perf_counter(), time.process_time())]
             result = train_epoch(model, batches.epoch(epoch), optimizer, cfg.train.clip_norm,
                                  batches.carries_state, torch.device("cpu"), epoch=epoch,
-                                 on_step=step_done)
+                                 step=step, on_step=step_done)
             walls = [b[0] - a[0] for a, b in zip(marks, marks[1:])]
             cpus = [b[1] - a[1] for a, b in zip(marks, marks[1:])]
             slowest = sorted(range(len(walls)), key=walls.__getitem__, reverse=True)[:5]

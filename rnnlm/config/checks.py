@@ -237,10 +237,12 @@ def _check_train(cfg: Config) -> None:
     _require(0 <= t.rdrop <= FLOAT32_MAX,
              f"train.rdrop must be >= 0 and at most {FLOAT32_MAX:.3g} (0 = off), got "
              f"{t.rdrop:g}")
-    _require(t.rdrop == 0 or m.dropout or m.input_dropout or m.output_dropout,
-             "train.rdrop compares two dropout samples of each lane; with no model.dropout, "
-             "input_dropout or output_dropout the two are the same (DropConnect draws one "
-             "mask per batch, shared by both): set one of them, or train.rdrop=0")
+    between = m.dropout and m.num_layers >= model_class(cfg).dropout_from_layers
+    _require(t.rdrop == 0 or between or m.input_dropout or m.output_dropout,
+             "train.rdrop compares two dropout samples of each lane; with no model.dropout "
+             "that acts (between layers: num_layers 2 or more), input_dropout or "
+             "output_dropout the two are the same (DropConnect draws one mask per batch, "
+             "shared by both): set one of them, or train.rdrop=0")
     for name in ("ar", "tar"):
         value = getattr(t, name)
         _require(0 <= value <= FLOAT32_MAX,

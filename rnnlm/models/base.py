@@ -123,6 +123,9 @@ class LanguageModel(nn.Module):
     state_size: int = 1
     #: what this kind can do (rnnlm.config.checks asks it)
     supports: Supports = Supports()
+    #: the fewest layers at which model.dropout acts: 2 where it sits between stacked
+    #: layers (a one-layer model has none), 1 where every layer has it (train.rdrop asks)
+    dropout_from_layers: int = 2
     #: model.activation values this kind offers
     activations: tuple[str, ...] = ("tanh",)
     #: the kind that computes the same function step by step from the same state_dict (a

@@ -270,6 +270,7 @@ class LinearRecurrentLM(LanguageModel):
     # penalise the norm's gain, not the recurrence's activations.
     supports = Supports(manual_backward=True, bf16=False, compile=False, auto_shards=False,
                         weight_dropout=False, activation_penalties=False)
+    dropout_from_layers = 1  # model.dropout is on every block's residual branches
 
     def __init__(self, vocab_size, hidden_size, num_layers=1, dropout=0.0, embedding_dim=None,
                  backward: str = "manual", **options):

@@ -77,7 +77,7 @@ def time_training_steps(cfg, model, optimizer, batch_list: list, warm: int = 1) 
     from rnnlm.training.averaging import WeightAverage
     from rnnlm.training.epoch import train_epoch
     from rnnlm.training.run import run_threads
-    from rnnlm.training.step import forward_backward
+    from rnnlm.training.step import make_batch_step
 
     average = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
     precision = resolve_precision(cfg, torch.device("cpu"))
@@ -88,9 +88,7 @@ def time_training_steps(cfg, model, optimizer, batch_list: list, warm: int = 1) 
             average.update(model)
         marks.append(time.perf_counter())
 
-    def step(*args, **kwargs):
-        return forward_backward(*args, **kwargs, precision=precision)
-
+    step = make_batch_step(cfg, precision)  # one lane group, with cfg's regularizers
     with run_threads(cfg.train.threads, 1):
         train_epoch(model, iter(batch_list), optimizer, cfg.train.clip_norm, True,
                     torch.device("cpu"), step=step, on_step=step_done)

@@ -20,7 +20,6 @@ second run into the folder is refused), processes (DDP), threads and signal hand
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 import sys
@@ -59,12 +58,7 @@ from rnnlm.training.epoch import EpochProgress, EpochResult, format_ppl, train_e
 from rnnlm.training.interrupts import StopRequest, TrainingInterrupted, stop_on_signals
 from rnnlm.training.metrics import METRICS_FILE, MetricsLog, epoch_record
 from rnnlm.training.schedules import LRSchedule
-from rnnlm.training.step import (
-    Regularizers,
-    ShardedForwardBackward,
-    forward_backward,
-    resolve_batch_shards,
-)
+from rnnlm.training.step import ShardedForwardBackward, make_batch_step, resolve_batch_shards
 
 
 def train(cfg: Config, quiet: bool = False, out=sys.stdout, resume: dict | None = None,
@@ -176,10 +170,7 @@ class TrainingRun:
 
         # forward and backward of one batch (rnnlm.training.step)
         self.precision = resolve_precision(cfg, device)  # train.precision: auto resolved
-        regularizers = Regularizers.from_config(cfg.train)  # train.ar, tar, rdrop
-        self.batch_step = ShardedForwardBackward(shards, self.precision, regularizers) \
-            if shards > 1 else functools.partial(forward_backward, precision=self.precision,
-                                                 regularizers=regularizers)
+        self.batch_step = make_batch_step(cfg, self.precision, shards)  # with the regularizers
         self.shards = shards
         self.train_step = distributed.FaultInjector(ctx).wrap(self.batch_step)  # unless testing
         seed_everything(cfg.seed)

@@ -17,6 +17,7 @@ tar, rdrop: `Regularizers`), built by `batch_loss`, the one forward of a batch f
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -224,3 +225,13 @@ class ShardedForwardBackward:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+
+
+def make_batch_step(cfg, precision: str, shards: int = 1):
+    """The run's step for cfg: forward_backward in `precision` (train.precision resolved for
+    the device) with cfg's regularizers, or with shards > 1 their ShardedForwardBackward
+    (close it when done). What the training run and the speed measurements call."""
+    regularizers = Regularizers.from_config(cfg.train)  # train.ar, tar, rdrop
+    if shards > 1:
+        return ShardedForwardBackward(shards, precision, regularizers)
+    return functools.partial(forward_backward, precision=precision, regularizers=regularizers)

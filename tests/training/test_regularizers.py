@@ -9,11 +9,12 @@ import torch.nn.functional as F
 
 from rnnlm.checkpoint import load_checkpoint
 from rnnlm.config import ConfigError, config_from_dict, load_config
+from rnnlm.kernels import native
 from rnnlm.models import MODEL_KINDS, build_model
 from rnnlm.training.interrupts import TrainingInterrupted
 from rnnlm.training.run import train
 from rnnlm.training.step import Regularizers, ShardedForwardBackward, forward_backward, twice
-from tests.conftest import ROOT
+from tests.conftest import ROOT, spy_on_c_loops
 from tests.training.test_epoch import read_metrics
 from tests.training.test_resume import StopAfter, records, resume, tiny
 
@@ -108,14 +109,18 @@ def test_the_hand_written_backward_takes_the_penalties_gradient(kind):
 
 @pytest.mark.parametrize("kind", [k for k, c in MODEL_KINDS.items()
                                   if c.supports.c_windows and c.supports.activation_penalties])
-def test_the_c_windows_take_the_penalties_gradient(kind):
+@pytest.mark.skipif(not native.windows_available(), reason="no C window loops here")
+def test_the_c_windows_take_the_penalties_gradient(kind, monkeypatch):
+    calls = spy_on_c_loops(monkeypatch, ("rnn", "gru", "lstm"))
     torch.manual_seed(0)
     windows = small_model(kind, "model.cell_kernel=c")
     reference = small_model(kind, "model.cell_kernel=torch")
     if MODEL_KINDS[kind].supports.manual_backward:
         reference = small_model(kind, "model.cell_kernel=torch", "model.backward=autograd")
     reference.load_state_dict(windows.state_dict())
+    calls.clear()  # what the reference (PyTorch's ops) and the model built before it did
     assert_same_penalised_step(windows, reference, rtol=2e-4, atol=2e-6)
+    assert any(name.endswith("_backward_loop") for name in calls)  # the C backward ran
 
 
 @pytest.mark.parametrize("kind", ["lstm_scratch", "gru"])
@@ -214,10 +219,19 @@ def test_a_carried_pair_state_is_kept_and_pairs_stay_side_by_side():
 @pytest.mark.parametrize("overrides, message", [
     (["train.rdrop=-1"], "train.rdrop must be >= 0"),
     (["train.rdrop=1", "model.weight_dropout=0.3"], "train.rdrop compares two dropout samples"),
+    (["train.rdrop=1", "model.num_layers=1", "model.dropout=0.3"],
+     "train.rdrop compares two dropout samples"),  # between layers: none with one layer
 ])
 def test_rdrop_is_refused_where_it_cannot_act(overrides, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict({}, ["model.kind=lstm", *overrides])
+
+
+def test_rdrop_takes_the_dropout_that_acts():
+    config_from_dict({}, ["model.kind=lstm", "model.num_layers=2", "model.dropout=0.3",
+                          "train.rdrop=1"])
+    config_from_dict({}, ["model.kind=mingru", "model.num_layers=1", "model.dropout=0.3",
+                          "train.rdrop=1"])  # on every residual branch, one block or more
 
 
 def test_a_run_with_regularizers_stopped_mid_epoch_resumes_exactly(data_dir, tmp_path):
@@ -234,6 +248,8 @@ def test_a_run_with_regularizers_stopped_mid_epoch_resumes_exactly(data_dir, tmp
     assert progress["epoch"] == 2 and progress["batch"] > 0
     lanes = tiny(data_dir, out, *sets).data.batch_size
     assert progress["partial"]["state"][0].shape[1] == 2 * lanes  # both copies were saved
+    with pytest.raises(ConfigError, match="train.rdrop"):  # those two states need R-Drop
+        resume(out, "train.rdrop=0")
     resume(out)
     assert records(out) == expected
 
