@@ -299,9 +299,8 @@ def speedrun(configs: list[str], target: float, rounds: int, sets: list[str],
             for recipe in recipes_in_turn:
                 label = f"[{len(timings) + 1}/{runs}] round {k}: {recipe.name}"
                 print(f"{label} ...", file=sys.stderr, flush=True)
-                out_dir = root / f"{recipe.name}-round{k}"
-                timing = (time_run(recipe, k, out_dir, sets, target, budget) if budget
-                          else time_run(recipe, k, out_dir, sets, target))
+                timing = time_run(recipe, k, root / f"{recipe.name}-round{k}", sets, target,
+                                  budget)
                 timings.append(timing)
                 print(f"{label}: {describe(timing, target)}", file=sys.stderr, flush=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -380,16 +379,26 @@ def report(recipes: list[Recipe], timings: list[Timing], target: float, rounds: 
             f"| {fmt_number(median_or_none([t.best_val_ppl for t in ok]), '.3f')} "
             f"| {fmt_number(median_or_none([t.test_ppl for t in ok]), '.3f')} "
             f"| {seconds([t.wall_s for t in ok])} |")
-    notes = relative_times(recipes, timings)
-    failures = [f"- {t.recipe} round {t.round} failed: {t.error}" for t in timings if t.error]
-    over = f"median over {rounds} rounds taken in turns (range)" if rounds > 1 else "one round"
     how = (f"time to val ppl <= {target:g}: from the launch of `python -m rnnlm train` to the "
            f"first metrics.jsonl record at or under it, as the parent saw it (polled every "
-           f"{POLL_S:g} s), {over}; epoch: the epoch of that record; tokens/s: training "
-           f"tokens/s, median over the epochs; GFLOP/s: tokens/s x the model's matmul FLOPs "
-           f"per token; whole run: launch to exit")
+           f"{POLL_S:g} s), {rounds_taken(rounds)}; epoch: the epoch of that record; tokens/s: "
+           f"training tokens/s, median over the epochs; GFLOP/s: tokens/s x the model's matmul "
+           f"FLOPs per token; whole run: launch to exit")
+    return assemble(machine, command, how, lines, timings, relative_times(recipes, timings))
+
+
+def rounds_taken(rounds: int) -> str:
+    """How a table's cells summarise the rounds, for its legend."""
+    return f"median over {rounds} rounds taken in turns (range)" if rounds > 1 else "one round"
+
+
+def assemble(machine: str, command: str, how: str, lines: list[str], timings: list[Timing],
+             notes: list[str] = ()) -> str:
+    """A report: the machine, the command with the legend `how`, the table `lines`, the
+    `notes` and a line for every failed run."""
+    failures = [f"- {t.recipe} round {t.round} failed: {t.error}" for t in timings if t.error]
     return "\n".join([f"Machine: {machine}.", f"Command: `{command.strip()}` ({how}).", "",
-                      *lines, *([""] + notes if notes else []),
+                      *lines, *([""] + list(notes) if notes else []),
                       *([""] + failures if failures else [])])
 
 
@@ -447,18 +456,16 @@ def budget_report(recipes: list[Recipe], timings: list[Timing], target: float, r
             f"| {fmt_number(median_or_none([t.test_ppl for t in ok]), '.3f')} "
             f"| {fmt_number(speed, ',.0f')} | {fmt_number(gflops, '.1f')} "
             f"| {time_cell} | {how_ended} |")
-    failures = [f"- {t.recipe} round {t.round} failed: {t.error}" for t in timings if t.error]
-    over = f"median over {rounds} rounds taken in turns (range)" if rounds > 1 else "one round"
     how = (f"each run stopped (SIGTERM) when its clock, from the launch of `python -m rnnlm "
            f"train`, passed {budget:g} s; only the metrics.jsonl records the parent saw "
-           f"within {budget:g} s count (polled every {POLL_S:g} s), {over}; best val ppl: the "
-           f"lowest validation perplexity within the budget; test ppl: the test perplexity of "
-           f"those weights (the trainer's own test record, or best.pt scored after the stop; "
-           f"n/a when neither holds them); tokens/s: training tokens/s, median over the epochs "
-           f"within the budget; run ended: when the budget stopped it or it ended by itself, "
+           f"within {budget:g} s count (polled every {POLL_S:g} s), {rounds_taken(rounds)}; "
+           f"best val ppl: the lowest validation perplexity within the budget; test ppl: the "
+           f"test perplexity of those weights (the trainer's own test record, or best.pt "
+           f"scored after the stop; n/a when neither holds them); tokens/s: training "
+           f"tokens/s, median over the epochs within the budget; run ended: when the budget "
+           f"stopped it or it ended by itself, "
            f"seconds from launch")
-    return "\n".join([f"Machine: {machine}.", f"Command: `{command.strip()}` ({how}).", "",
-                      *lines, *([""] + failures if failures else [])])
+    return assemble(machine, command, how, lines, timings)
 
 
 def rounds_of(values: list, runs: list) -> str:

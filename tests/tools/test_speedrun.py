@@ -97,7 +97,7 @@ def test_speedrun_runs_the_recipes_in_turns_and_fails_at_the_end(monkeypatch, tm
                                                                  capsys):
     order = []
 
-    def fake_time_run(recipe, round_no, out_dir, sets, target):
+    def fake_time_run(recipe, round_no, out_dir, sets, target, budget=None):
         order.append((round_no, recipe.name, out_dir.name, tuple(sets), target))
         failed = recipe.name == "b" and round_no == 2
         return timing(recipe.name, round_no, None if failed else 5.0,
