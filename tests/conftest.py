@@ -66,13 +66,19 @@ def time_machine_path() -> Path:
     return time_machine_source()
 
 
-@pytest.fixture
-def data_dir(tmp_path, time_machine_path) -> Path:
-    """A private data directory holding a copy of the Time Machine."""
-    d = tmp_path / "data"
+def copy_of_time_machine(parent: Path) -> Path:
+    """parent/data, a new data directory holding a copy of the Time Machine: what a test's
+    runs read and cache their tokens in, apart from every other test's."""
+    d = parent / "data"
     d.mkdir()
-    shutil.copy(time_machine_path, d / "timemachine.txt")
+    shutil.copy(time_machine_source(), d / "timemachine.txt")
     return d
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    """A private data directory holding a copy of the Time Machine."""
+    return copy_of_time_machine(tmp_path)
 
 
 @pytest.fixture

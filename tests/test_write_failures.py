@@ -23,7 +23,7 @@ from rnnlm import files
 from rnnlm.checkpoint import load_checkpoint
 from rnnlm.data.corpus import ensure_time_machine
 from rnnlm.files import WriteError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, copy_of_time_machine
 
 pytestmark = [pytest.mark.skipif(not Path("/proc/self/fd").is_dir(),
                                  reason="the injector finds a file's name through /proc"),
@@ -121,11 +121,10 @@ def one_line(proc) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, time_machine_path):
+def trained(tmp_path_factory):
     """A finished two-epoch run with checkpoints, metrics, plots and diagnostics."""
     root = tmp_path_factory.mktemp("trained")
-    (root / "data").mkdir()
-    shutil.copy(time_machine_path, root / "data" / "timemachine.txt")
+    copy_of_time_machine(root)
     proc = rnnlm("train", "--quiet", "--config", "configs/tiny.yaml",
                  *sets(f"data.data_dir={root / 'data'}", f"out_dir={root / 'run'}", *BASE))
     assert proc.returncode == 0, proc.stderr

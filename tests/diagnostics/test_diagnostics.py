@@ -34,7 +34,7 @@ from rnnlm.diagnostics.plots import (
 from rnnlm.diagnostics.report import diagnose_checkpoint, pattern_windows
 from rnnlm.models import build_model
 from rnnlm.training.run import train
-from tests.conftest import ROOT
+from tests.conftest import ROOT, copy_of_time_machine
 from tests.models.test_models import copy_into_twin
 
 V = 7
@@ -201,11 +201,8 @@ pytestmark = pytest.mark.xdist_group("test_diagnostics")
 @pytest.fixture(scope="module")
 def diagnosed_runs(tmp_path_factory):
     """Three tiny runs with diagnostics: RNN regular, GRU randomized, LSTM variable_length."""
-    from tests.conftest import time_machine_source
-
     root = tmp_path_factory.mktemp("diag")
-    (root / "data").mkdir()
-    shutil.copy(time_machine_source(), root / "data" / "timemachine.txt")
+    copy_of_time_machine(root)
     runs = {}
     for kind, strategy in [("rnn_scratch", "regular"), ("gru_scratch", "randomized"),
                            ("lstm_scratch", "variable_length")]:

@@ -37,7 +37,7 @@ from rnnlm.diagnostics.report import (
 )
 from rnnlm.models import build_model
 from rnnlm.training.run import train
-from tests.conftest import ROOT
+from tests.conftest import ROOT, copy_of_time_machine
 
 DIAGONAL = ["lru", "mingru", "minlstm"]
 DENSE = ["rnn_scratch", "gru_scratch", "lstm_scratch", "rnn", "lstm"]
@@ -196,11 +196,8 @@ pytestmark = pytest.mark.xdist_group("test_diagonal_recurrences")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Tiny runs with diagnostics (every epoch) of a diagonal and a dense kind each."""
-    from tests.conftest import time_machine_source
-
     root = tmp_path_factory.mktemp("lambdas")
-    (root / "data").mkdir()
-    shutil.copy(time_machine_source(), root / "data" / "timemachine.txt")
+    copy_of_time_machine(root)
     out = {}
     for kind in ["lru", "mingru", "minlstm", "rnn_scratch", "lstm"]:
         extra = ["model.embedding_dim=8", "train.optimizer=adam", "train.lr=0.01"] \

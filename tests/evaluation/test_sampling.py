@@ -22,19 +22,17 @@ from rnnlm.evaluation.sampling import (
 )
 from rnnlm.models.base import Decoder
 from rnnlm.training.run import train
-from tests.conftest import ROOT
+from tests.conftest import ROOT, copy_of_time_machine
 
 # One xdist worker runs this module, so its trained fixture is made once (tests/conftest.py).
 pytestmark = pytest.mark.xdist_group("test_sampling")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, time_machine_path):
+def trained(tmp_path_factory):
     """A 3-epoch tiny run: its directory and what training printed."""
     root = tmp_path_factory.mktemp("sampling")
-    data = root / "data"
-    data.mkdir()
-    shutil.copy(time_machine_path, data / "timemachine.txt")
+    data = copy_of_time_machine(root)
     cfg = load_config(ROOT / "configs/tiny.yaml",
                       [f"data.data_dir={data}", f"out_dir={root / 'run'}", "train.epochs=3",
                        "train.threads=1", "data.max_tokens=600", "train.predict_chars=30"])

@@ -15,7 +15,7 @@ from rnnlm.evaluation.evaluate import evaluate, evaluate_ensemble, lane_bounds
 from rnnlm.evaluation.scoring import heldout_ids, load_scored, score, text_ids
 from rnnlm.models import build_model
 from rnnlm.training.run import train
-from tests.conftest import ROOT, time_machine_source
+from tests.conftest import ROOT, copy_of_time_machine
 from tests.training.test_heldout import read_records
 
 CPU = torch.device("cpu")
@@ -71,9 +71,7 @@ def runs(tmp_path_factory):
     """Two tiny trained runs: a d2l one with a validation and test split, and a raw one
     without (another vocabulary)."""
     root = tmp_path_factory.mktemp("scoring")
-    data = root / "data"
-    data.mkdir()
-    (data / "timemachine.txt").write_bytes(time_machine_source().read_bytes())
+    data = copy_of_time_machine(root)
     common = [f"data.data_dir={data}", "model.kind=gru", "train.epochs=3",
               "train.predict_every=0", "data.eval_lanes=1"]
     train(load_config(ROOT / "configs/tiny.yaml",
